@@ -1,0 +1,36 @@
+"""megatron-tsdkd: Token-Selective Dual Knowledge Distillation on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-tsdkd",
+    version="0.1.0",
+    description="Distil reasoning from a large teacher LLM into a small student with TSD-KD at Megatron scale.",
+    packages=find_packages(include=["megatron_tsdkd", "megatron_tsdkd.*"]),
+    package_data={"megatron_tsdkd": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        # CPU machines: install torch==2.13.0 first (the Makefile does) so no CUDA build is pulled.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "deepspeed>=0.16",
+        "transformers>=4.51",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "trl>=0.21"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tsdkd-train=megatron_tsdkd.cli:train_main",
+            "tsdkd-eval=megatron_tsdkd.cli:eval_main",
+            "tsdkd-convert=megatron_tsdkd.cli:convert_main",
+            "tsdkd-plan=megatron_tsdkd.cli:plan_main",
+        ]
+    },
+)
