@@ -2,7 +2,7 @@
 
 ``run_parallel(fn, *args, world_size=2, tp=2, pp=1)`` returns the list of per-rank return values of
 ``fn(*args)``, executed after torch.distributed and megatron parallel_state are initialised for that layout.
-``fn`` must be a module-level function of an importable module (a test file is fine). Workers stay alive
+``fn`` must be a module-level function of an importable module (a test file is fine). Workers stay alive (non-daemonic: dist_checkpointing starts child processes)
 between tests (spawning one costs ~8 s of imports on 2 cores); a layout change only rebuilds the megatron
 groups. A failure on any rank raises here with every failing rank's traceback; a hang is cut by a timeout
 and the pool is rebuilt so later tests still run.
@@ -61,7 +61,7 @@ class WorkerPool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results))
             for r in range(world_size)
         ]
         for p in self.procs:

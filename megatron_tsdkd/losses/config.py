@@ -1,0 +1,40 @@
+"""Typed settings of the TSD-KD loss (defaults from docs/METHOD.md), checked once with one-line errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TSDKDLossConfig:
+    beta: float = 0.9              # generalized JSD interpolation: 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0       # distillation temperature T: every softmax sees logits / T
+    tau: float = 1.0               # temperature of the entropy gate sigmoid((H_S - H_T) / tau)
+    gamma_em: float = 1.0          # weight of the entropy regularisation
+    rho: float = 0.1               # fraction of response positions (highest student entropy) in the entropy term
+    alpha: float = 0.1             # weight of the indirect (Plackett-Luce) term
+    opener_fraction: float = 0.1   # c: cumulative student-entropy fraction that ends a response's opener
+    top_k: int = 10                # K: student candidates re-ranked by the teacher
+    use_gate: bool = True
+    use_entropy: bool = True
+    use_indirect: bool = True
+    reference_compat: bool = False  # reproduce the released reference code (METHOD.md section 6) instead of the paper
+    chunk_size: int = 1024         # tokens upcast to fp32 at a time
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.beta <= 1.0, "beta", self.beta, "must lie in [0, 1]")
+        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _check(self.tau > 0, "tau", self.tau, "must be > 0")
+        _check(self.gamma_em >= 0, "gamma_em", self.gamma_em, "must be >= 0")
+        _check(0.0 < self.rho <= 1.0, "rho", self.rho, "must lie in (0, 1]")
+        _check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+        _check(0.0 < self.opener_fraction <= 1.0, "opener_fraction", self.opener_fraction, "must lie in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k, "must be an integer >= 1")
+        _check(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", self.chunk_size,
+               "must be an integer >= 1")
+        for name in ("use_gate", "use_entropy", "use_indirect", "reference_compat"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+
+
+def _check(ok: bool, field: str, value, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"TSDKDLossConfig.{field} = {value!r} {requirement}")

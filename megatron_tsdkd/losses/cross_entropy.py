@@ -1,0 +1,79 @@
+"""Vocab-parallel cross-entropy on labels (SFT, Seq-KD), chunked like the distillation losses.
+
+Hand-written rather than megatron.core.tensor_parallel.vocab_parallel_cross_entropy because that one reads the global
+parallel_state group (this library takes any group, or None for one device), upcasts the whole [tokens, V/TP] tensor
+at once, and knows nothing of padded vocabulary entries. Same maths: loss = logsumexp(z) - z[label],
+d/dz = softmax(z) - onehot(label); the label's logit comes from its owning rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from megatron_tsdkd.losses.inputs import flatten_logits, target_positions
+from megatron_tsdkd.losses.token_statistics import compute_dtype, upcast_rows
+from megatron_tsdkd.losses.vocab_parallel import VocabShard, all_reduce_, global_max
+
+
+def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024) -> torch.Tensor:
+    """sum_t mask_t * (-log p(labels_t)) / #(mask != 0): a token mean for 0/1 masks, a weighted sum for float ones."""
+    flat = flatten_logits("student", logits, mask)
+    if tuple(labels.shape) != tuple(mask.shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match mask shape {tuple(mask.shape)}")
+    shard = VocabShard.of(flat, tp_group, vocab_size)
+    targets = target_positions(mask)
+    target_labels = labels.reshape(-1).index_select(0, targets).long()
+    if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= shard.vocab_size):
+        bad = target_labels[(target_labels < 0) | (target_labels >= shard.vocab_size)][0].item()
+        raise ValueError(f"label {bad} at a masked-in position is outside the vocabulary [0, {shard.vocab_size})")
+    per_token = _CrossEntropyFunction.apply(flat, targets, target_labels, shard, int(chunk_size))
+    weights = mask.reshape(-1).index_select(0, targets).to(per_token.dtype)
+    return (per_token * weights).sum() / max(targets.numel(), 1)
+
+
+def _label_logits(z: torch.Tensor, labels: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of z[label] -- 0 where another rank owns it, local column, owned flag)."""
+    local = labels - shard.start
+    owned = (local >= 0) & (local < shard.real_width)
+    column = torch.where(owned, local, 0)
+    if z.shape[1] == 0:
+        return z.new_zeros(labels.shape), column, owned
+    return torch.where(owned, z.gather(1, column.unsqueeze(1)).squeeze(1), 0.0), column, owned
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, labels, shard, chunk_size):
+        dtype = compute_dtype(logits)
+        n = targets.numel()
+        loss = torch.zeros(n, dtype=dtype, device=logits.device)
+        lse = torch.zeros_like(loss)
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            z = upcast_rows(logits, targets[lo:hi], shard, dtype, 1.0)
+            shift = global_max(z, shard)
+            label_logit, _, _ = _label_logits(z, labels[lo:hi], shard)
+            sums = torch.stack([z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1), label_logit], dim=1)
+            all_reduce_(sums, shard)
+            lse[lo:hi] = sums[:, 0].log() + shift
+            loss[lo:hi] = lse[lo:hi] - sums[:, 1]
+        ctx.save_for_backward(logits, targets, labels, lse)
+        ctx.shard, ctx.chunk_size = shard, chunk_size
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        logits, targets, labels, lse = ctx.saved_tensors
+        shard, chunk = ctx.shard, ctx.chunk_size
+        grad_logits = torch.zeros_like(logits)
+        for lo in range(0, targets.numel(), chunk):
+            hi = min(targets.numel(), lo + chunk)
+            grad = upcast_rows(logits, targets[lo:hi], shard, compute_dtype(logits), 1.0)
+            grad.sub_(lse[lo:hi].unsqueeze(1)).exp_()                      # softmax
+            _, column, owned = _label_logits(grad, labels[lo:hi], shard)
+            if grad.shape[1]:
+                grad.scatter_add_(1, column.unsqueeze(1), -owned.to(grad.dtype).unsqueeze(1))
+            grad.mul_(grad_loss[lo:hi].unsqueeze(1))
+            grad_logits[targets[lo:hi], : shard.real_width] = grad.to(grad_logits.dtype)
+        return grad_logits, None, None, None, None

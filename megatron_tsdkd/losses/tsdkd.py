@@ -1,0 +1,170 @@
+"""The TSD-KD loss (docs/METHOD.md): gated generalized JSD + entropy regularisation + teacher re-ranking.
+
+    L = L_direct + gamma_em * L_em + alpha * L_indirect
+
+Written by hand (no library implements it; the released reference is a TRL subclass on dense logits). One chunked
+pass over the vocab-sharded logits (token_statistics) yields per token the JSD, both entropies and the student's
+top-K candidates with the teacher's logits at them; everything below works on those per-token scalars, so no
+[tokens, V] tensor is ever materialised in fp32. Selections (gate, entropy set, opener, candidates, ranking) are
+detached. ``reference_compat`` switches to the released code's behaviour (METHOD.md section 6); its fourth item,
+pad == eos masking, belongs to the data pipeline, not to the loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_tsdkd.losses.config import TSDKDLossConfig
+from megatron_tsdkd.losses.inputs import check_same_shard, flatten_logits, target_positions, token_mean
+from megatron_tsdkd.losses.plackett_luce import plackett_luce_nll
+from megatron_tsdkd.losses.token_statistics import Divergence, token_statistics
+from megatron_tsdkd.losses.vocab_parallel import VocabShard
+
+
+@dataclass
+class TSDKDLossOutput:
+    loss: torch.Tensor            # the total, differentiable
+    direct: torch.Tensor          # L_direct
+    entropy: torch.Tensor         # L_em (0 when use_entropy is off)
+    indirect: torch.Tensor        # L_indirect (0 when use_indirect is off)
+    gate_mean: torch.Tensor       # mean gate w_t over targets (1 when use_gate is off)
+    opener_length: torch.Tensor   # mean opener length over responses (0 when use_indirect is off)
+    selected_count: torch.Tensor  # |I|, positions in the entropy term (0 when use_entropy is off)
+
+
+def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               config: TSDKDLossConfig = TSDKDLossConfig(), tp_group=None, vocab_size: int | None = None
+               ) -> TSDKDLossOutput:
+    """TSD-KD over logits [batch, seq, V/TP] (logits[b, t] scores the target at t; mask[b, t] != 0 marks targets)."""
+    student = flatten_logits("student", student_logits, mask)
+    teacher = flatten_logits("teacher", teacher_logits, mask)
+    check_same_shard(student, teacher)
+    shard = VocabShard.of(student, tp_group, vocab_size)
+    if config.use_indirect and config.top_k > shard.vocab_size:
+        raise ValueError(f"TSDKDLossConfig.top_k = {config.top_k} exceeds the real vocabulary size {shard.vocab_size}")
+    compat = config.reference_compat
+    # The reference code sees each row's response region (first target to row end, pads included); the paper, targets.
+    positions = response_region(mask) if compat else target_positions(mask)
+    stats = token_statistics(student, teacher, positions, Divergence.generalized_jsd(config.beta), shard,
+                             temperature=config.temperature, chunk_size=config.chunk_size,
+                             top_k=config.top_k if config.use_indirect else 0)
+    on_target = torch.nonzero(mask.reshape(-1).index_select(0, positions) != 0).view(-1)  # into `positions`
+    count = on_target.numel()
+    h_s, h_t = stats.student_entropy, stats.teacher_entropy
+    zero = h_s.new_zeros(())
+
+    gate = entropy_gate(h_s, h_t, config.tau) if config.use_gate else torch.ones_like(h_t)
+    gate, divergence = gate.index_select(0, on_target), stats.divergence.index_select(0, on_target)
+    direct = token_mean(gate * divergence, count)
+    gate_mean = token_mean(gate, count) if count else zero + 1.0
+
+    entropy, selected_count = zero, 0
+    if config.use_entropy and count:
+        if compat:
+            selected = reference_entropy_selection(h_s, on_target, config.rho)
+        else:
+            selected = on_target.index_select(0, top_entropy_selection(h_s.index_select(0, on_target), config.rho))
+        entropy, selected_count = h_s.index_select(0, selected).mean(), selected.numel()
+
+    indirect, opener_length = zero, zero
+    if config.use_indirect and count:
+        rows = positions // mask.shape[1]
+        if compat:
+            opener, length = reference_opener(h_s, on_target, rows, positions % mask.shape[1], mask,
+                                              config.opener_fraction)
+            opener_length = zero + length
+        else:
+            opener, lengths = opener_selection(h_s.index_select(0, on_target), rows.index_select(0, on_target),
+                                               config.opener_fraction)
+            opener = on_target.index_select(0, opener)
+            opener_length = lengths.to(zero.dtype).mean()
+        if opener.numel():
+            indirect = plackett_luce_nll(
+                teacher_ordered(stats.candidate_student.index_select(0, opener),
+                                stats.candidate_teacher.index_select(0, opener)),
+                reference_compat=compat).mean()
+
+    loss = direct
+    if config.use_entropy:
+        loss = loss + config.gamma_em * entropy
+    if config.use_indirect:
+        loss = loss + config.alpha * indirect
+    return TSDKDLossOutput(loss, direct, entropy, indirect, gate_mean.detach(), opener_length.detach(),
+                           torch.tensor(selected_count))
+
+
+def entropy_gate(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, tau: float) -> torch.Tensor:
+    """w_t = sigmoid((H_S - H_T) / tau), stop-gradient: large where the student is unsure and the teacher confident."""
+    return torch.sigmoid((student_entropy.detach() - teacher_entropy.detach()) / tau)
+
+
+def selection_size(count: int, rho: float) -> int:
+    """floor(rho * N), at least 1 (a tiny epsilon keeps 0.1 * 30 from flooring to 2 through rounding)."""
+    return max(1, math.floor(rho * count + 1e-9))
+
+
+def top_entropy_selection(entropy: torch.Tensor, rho: float) -> torch.Tensor:
+    """Indices of the top-rho fraction of positions by (detached) entropy: the paper's set I."""
+    return torch.topk(entropy.detach(), selection_size(entropy.numel(), rho)).indices
+
+
+def reference_entropy_selection(entropy: torch.Tensor, on_target: torch.Tensor, rho: float) -> torch.Tensor:
+    """Released code: every position (pads of the response region included) with H_S >= the rho-quantile of H_S over
+    the targets, i.e. about 1 - rho of them."""
+    threshold = torch.quantile(entropy.detach().index_select(0, on_target), rho)
+    return torch.nonzero(entropy.detach() >= threshold).view(-1)
+
+
+def opener_selection(entropy: torch.Tensor, rows: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response (row), positions 1..m with m the first where cumulative entropy / total >= c (crossing kept).
+
+    ``entropy`` and ``rows`` list the targets in row-major order. Returns (indices into them, m per response).
+    A response whose entropies are all 0 opens with one position.
+    """
+    entropy = entropy.detach()
+    chosen, lengths = [], []
+    for row in torch.unique(rows).tolist():
+        index = torch.nonzero(rows == row).view(-1)
+        length = crossing_index(entropy.index_select(0, index), fraction) + 1
+        chosen.append(index[:length])
+        lengths.append(length)
+    return torch.cat(chosen), torch.tensor(lengths)
+
+
+def crossing_index(entropy: torch.Tensor, fraction: float) -> int:
+    """First (0-based) position where the cumulative share of the total entropy reaches ``fraction``."""
+    cumulative = torch.cumsum(entropy, dim=0)
+    if cumulative[-1] <= 0:
+        return 0
+    return int(torch.nonzero(cumulative / cumulative[-1] >= fraction)[0])
+
+
+def reference_opener(entropy: torch.Tensor, on_target: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                     mask: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
+    """Released code: one length m for the micro-batch from the flattened target entropies, crossing EXCLUDED, applied
+    as a column slice to every row's response region (so it may cover a short response's pads)."""
+    length = crossing_index(entropy.detach().index_select(0, on_target), fraction)
+    region_start = first_target_column(mask).index_select(0, rows)
+    return torch.nonzero(columns - region_start < length).view(-1), length
+
+
+def teacher_ordered(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """Student scores of the candidates re-ordered by the teacher, teacher's favourite first (ties: student order)."""
+    order = torch.sort(teacher_scores, dim=-1, descending=True, stable=True).indices
+    return student_scores.gather(-1, order)
+
+
+def first_target_column(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the column of its first target (seq length for rows without targets)."""
+    is_target = mask != 0
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(is_target)
+    return torch.where(is_target, columns, mask.shape[1]).amin(dim=1)
+
+
+def response_region(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of every position from a row's first target to the row's end: what the reference code's
+    completion slice covers (its trailing pads included)."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return torch.nonzero((columns.unsqueeze(0) >= first_target_column(mask).unsqueeze(1)).reshape(-1)).view(-1)

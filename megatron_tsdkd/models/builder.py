@@ -1,0 +1,102 @@
+"""HF config -> megatron-core TransformerConfig and GPTModel (local layer spec: no Transformer Engine, no Apex).
+
+The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron
+parallel_state. Weights are random (or uninitialised with ``perform_initialization=False``); load them with
+``load_hf_weights`` or ``load_mcore_weights``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple * tp`` (each TP shard of the embedding equally sized)."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+def _spec(hf_config) -> ArchSpec:
+    return hf_config if isinstance(hf_config, ArchSpec) else arch_spec(hf_config)
+
+
+def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, **overrides):
+    """A megatron TransformerConfig equal in numerics to the HF model; TP/PP sizes come from parallel_state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec = _spec(hf_config)
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    check_parallel_layout(spec, tp, pp)
+    on_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        # Need Apex / Transformer Engine, absent by design (local spec).
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        use_cpu_initialization=on_cpu,
+    )
+    if on_cpu:  # the fused CUDA kernels do not exist on the CPU
+        kwargs.update(masked_softmax_fusion=False, bias_dropout_fusion=False)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_vocab_size: Optional[int] = None,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides):
+    """This rank's stage of a GPTModel laid out like ``hf_config``; vocab padded for TP unless given."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = _spec(hf_config)
+    tp = ps.get_tensor_model_parallel_world_size()
+    vocab = padded_vocab_size if padded_vocab_size is not None else _default_padded(spec.vocab_size, tp)
+    check_parallel_layout(spec, tp, ps.get_pipeline_model_parallel_world_size(), padded_vocab=vocab)
+    config = transformer_config_from_hf(spec, params_dtype=params_dtype, **config_overrides)
+    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=vocab,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        rope_scaling=spec.rope_type == "llama3",
+        rope_scaling_factor=spec.rope_factor if spec.rope_type == "llama3" else 8.0,
+        seq_len_interpolation_factor=spec.rope_factor if spec.rope_type == "linear" else None,
+    )
+
+
+_default_padded = padded_vocab_size  # build_model's keyword shadows the function's name

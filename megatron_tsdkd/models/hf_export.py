@@ -1,0 +1,133 @@
+"""Gather a megatron model's TP/PP shards back to Hugging Face tensors and write a loadable HF folder.
+
+Each pipeline stage is assembled on its first TP rank (of data-parallel replica 0) from an all-gather over its TP
+group, and written by that rank as its own safetensors shard(s): no rank ever holds more than one stage. Rank 0
+writes model.safetensors.index.json and the HF metadata (config, generation config, tokenizer files) after all
+ranks agreed on the file plan.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tsdkd.models.hf_config import arch_spec
+from megatron_tsdkd.models.hf_weights import INDEX_FILE
+from megatron_tsdkd.models.mapping import hf_tensor_shapes, model_layouts
+from megatron_tsdkd.models.mcore_checkpoint import copy_hf_meta
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
+                            assemble: bool = True) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: this stage's full HF tensors (empty where ``assemble`` is False)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    group = ps.get_tensor_model_parallel_group()
+    params = dict(model.named_parameters())
+    shapes = hf_tensor_shapes(spec)
+    per_rank = [model_layouts(model, spec, tp_rank=r) for r in range(tp)]
+    hf: dict[str, torch.Tensor] = {}
+    for i, layout in enumerate(per_rank[0]):
+        local = params[layout.mcore_name].detach()
+        if layout.tp_split and tp > 1:
+            shards = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+        else:
+            shards = [local] * tp
+        if not layout.export or not assemble:
+            continue
+        for r in range(tp if layout.tp_split else 1):
+            rank_layout = per_rank[r][i]
+            for piece in rank_layout.pieces:
+                if piece.hf_name not in hf:
+                    hf[piece.hf_name] = torch.empty(shapes[piece.hf_name], dtype=dtype or local.dtype)
+            rank_layout.scatter(shards[r].cpu(), hf)
+    return hf
+
+
+def _plan(sizes_per_stage: list[list[tuple[str, int]]], max_shard_bytes: int) -> list[list[tuple[int, list[str]]]]:
+    """Split each stage's tensors into files of at most ``max_shard_bytes`` (a stage never shares a file)."""
+    plan = []
+    for sizes in sizes_per_stage:
+        files, current, current_bytes = [], [], 0
+        for name, nbytes in sizes:
+            if current and current_bytes + nbytes > max_shard_bytes:
+                files.append(current)
+                current, current_bytes = [], 0
+            current.append(name)
+            current_bytes += nbytes
+        if current:
+            files.append(current)
+        plan.append(files)
+    return plan
+
+
+def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dtype] = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Collective over all ranks: write ``model`` as a Hugging Face folder (safetensors shards + index + metadata).
+
+    ``hf_meta_dir`` holds the source config.json, generation_config.json and tokenizer files (e.g. a checkpoint's
+    hf_meta/). ``dtype`` defaults to the model's params_dtype; config.json records the one written.
+    """
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    spec = arch_spec(AutoConfig.from_pretrained(hf_meta_dir, local_files_only=True))
+    dtype = dtype or model.config.params_dtype  # not per parameter: megatron keeps norm weights in fp32
+    writer = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    tensors: dict[str, torch.Tensor] = {}
+    if writer:
+        writer = ps.get_tensor_model_parallel_rank() == 0
+        tensors = gather_stage_hf_tensors(model, spec, dtype, assemble=writer)
+    stage = ps.get_pipeline_model_parallel_rank()
+    mine = (stage, [(n, t.numel() * t.element_size()) for n, t in tensors.items()]) if writer else None
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    sizes_per_stage = [sizes for _, sizes in sorted(x for x in everyone if x is not None)]
+    plan = _plan(sizes_per_stage, max_shard_bytes)
+    total_files = sum(len(files) for files in plan)
+    names = [f"model-{i + 1:05d}-of-{total_files:05d}.safetensors" for i in range(total_files)]
+
+    files_in_order = [(s, members) for s, files in enumerate(plan) for members in files]
+    weight_map = {n: names[i] for i, (_, members) in enumerate(files_in_order) for n in members}
+    missing = set(hf_tensor_shapes(spec)) - set(weight_map)
+    if missing:  # a mapping bug, not a user error; every rank raises alike
+        raise RuntimeError(f"export would lose tensors {sorted(missing)[:5]}")
+
+    if dist.get_rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
+    for i, (s, members) in enumerate(files_in_order):
+        if writer and s == stage:
+            save_file({n: tensors[n].contiguous() for n in members}, os.path.join(out_dir, names[i]),
+                      metadata={"format": "pt"})
+    if dist.get_rank() == 0:
+        total = sum(nbytes for sizes in sizes_per_stage for _, nbytes in sizes)
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        copy_hf_meta(hf_meta_dir, out_dir)
+        _record_dtype(os.path.join(out_dir, "config.json"), dtype)
+    dist.barrier()
+
+
+def _record_dtype(config_path: str, dtype: torch.dtype) -> None:
+    """Let config.json state the dtype of the written tensors (``dtype``; ``torch_dtype`` for transformers 4)."""
+    with open(config_path) as f:
+        config = json.load(f)
+    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
+    if all(config.get(k) == name for k in keys):
+        return
+    for k in keys:
+        config[k] = name
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
