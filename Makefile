@@ -17,5 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The CPU demo through the same launcher as the Slurm jobs (no Slurm needed): 2 processes, TP=2.
 demo: $(STAMP)
-	$(VENV)/bin/tsdkd-train --config configs/demo_cpu.yaml
+	rm -rf outputs/demo
+	TSDKD_PYTHON=$(abspath $(PY)) slurm/demo_cpu.sh

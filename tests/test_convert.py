@@ -6,9 +6,7 @@ pool; one conversion goes through ``tools/convert.py`` as a user runs it, spawni
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -59,24 +57,9 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Rank functions
 
-@contextlib.contextmanager
-def children_allowed():
-    """Test-only workaround: the harness's workers are daemonic processes, and megatron's checkpoint writer starts
-    a multiprocessing Manager, which daemonic processes may not do. torchrun workers and the converter's own
-    spawned ranks are not daemonic, so production code needs nothing like this."""
-    config = multiprocessing.current_process()._config
-    daemon = config.get("daemon")
-    config["daemon"] = False
-    try:
-        yield
-    finally:
-        config["daemon"] = daemon
-
-
 def convert_all_to_mcore(sources: dict, out_root: str, tp: int, pp: int) -> None:
-    with children_allowed():
-        for name, path in sources.items():
-            hf_to_mcore_rank(path, os.path.join(out_root, name), tp, pp, CASES[name][2])
+    for name, path in sources.items():
+        hf_to_mcore_rank(path, os.path.join(out_root, name), tp, pp, CASES[name][2])
 
 
 def export_all_to_hf(ckpt_root: str, names: list, out_root: str, tp: int, pp: int, via_main: bool = False) -> None:
@@ -101,8 +84,7 @@ def save_training_style_checkpoint(hf_dir: str, run_root: str) -> None:
     folder = os.path.join(run_root, "step_000003")
     os.makedirs(folder)
     state = {**model_sharded_state_dict(model), "trainer": {"step": 3, "scheduler": {"lr": 0.1}}}
-    with children_allowed():
-        dist_checkpointing.save(state, folder)
+    dist_checkpointing.save(state, folder)
     copy_hf_meta(hf_dir, os.path.join(folder, "hf_meta"))
     with open(os.path.join(run_root, "latest"), "w") as f:
         f.write("step_000003")

@@ -1,0 +1,135 @@
+"""Batches of token ids and response masks, for training and for on-policy generation.
+
+The convention every loss relies on (and the only one in this project)::
+
+    labels[b, t]    = input_ids[b, t + 1]          (input_ids shifted left by one; the last column is padding)
+    logits[b, t]    scores labels[b, t]            (the model's output at position t predicts the next token)
+    loss_mask[b, t] = 1.0 iff labels[b, t] is a response token (the end-of-turn token included), else 0.0
+
+So for a row with P prompt tokens and R response tokens, ``loss_mask[b, P-1 : P+R-1] = 1``: the last prompt position
+predicts the first response token, the second-to-last response position predicts the end-of-turn token. Prompt
+targets and padding are 0. Training rows are right-padded: with causal attention the padding only follows the real
+tokens, so no attention mask is needed and position ids are plain ``0..L-1``. Prompt batches for generation are
+left-padded by default (every row's last prompt token in the last column), with an attention mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .chat_tokenization import TokenizedExample
+
+IdRows = Sequence[Sequence[int]]
+
+
+@dataclass
+class TrainingBatch:
+    input_ids: torch.Tensor         # [B, L] long, right-padded
+    labels: torch.Tensor            # [B, L] long, input_ids shifted left by one
+    loss_mask: torch.Tensor         # [B, L] float, 1.0 on response targets
+    position_ids: torch.Tensor      # [B, L] long
+    prompt_lengths: torch.Tensor    # [B] long
+    lengths: torch.Tensor           # [B] long, prompt + response tokens
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device) -> "TrainingBatch":
+        return TrainingBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor         # [B, P] long
+    attention_mask: torch.Tensor    # [B, P] long, 1 on real tokens
+    lengths: torch.Tensor           # [B] long
+    padding_side: str
+
+    def prompts(self) -> list[list[int]]:
+        """The unpadded prompt ids of every row."""
+        rows = []
+        for row, mask in zip(self.input_ids.tolist(), self.attention_mask.tolist()):
+            rows.append([token for token, keep in zip(row, mask) if keep])
+        return rows
+
+
+def _padded_length(longest: int, pad_to: Optional[int], multiple_of: int) -> int:
+    length = longest if pad_to is None else pad_to
+    if length < longest:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence in the batch ({longest} tokens)")
+    return -(-length // multiple_of) * multiple_of
+
+
+def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id: int, pad_to: Optional[int] = None,
+                     pad_to_multiple_of: int = 1) -> TrainingBatch:
+    """(prompt ids, response ids) pairs or ``TokenizedExample``s -> a right-padded ``TrainingBatch``."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    pairs = [(e.prompt_ids, e.response_ids) if isinstance(e, TokenizedExample) else e for e in examples]
+    lengths = [len(p) + len(r) for p, r in pairs]
+    if any(len(p) == 0 for p, _ in pairs):
+        raise ValueError("every example needs at least one prompt token")
+    width = _padded_length(max(lengths), pad_to, pad_to_multiple_of)
+    input_ids = torch.full((len(pairs), width + 1), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(pairs), width), dtype=torch.float32)
+    for row, (prompt, response) in enumerate(pairs):
+        ids = list(prompt) + list(response)
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        loss_mask[row, len(prompt) - 1:len(ids) - 1] = 1.0
+    return TrainingBatch(
+        input_ids=input_ids[:, :width].contiguous(),
+        labels=input_ids[:, 1:].contiguous(),
+        loss_mask=loss_mask,
+        position_ids=torch.arange(width, dtype=torch.long).expand(len(pairs), width).contiguous(),
+        prompt_lengths=torch.tensor([len(p) for p, _ in pairs], dtype=torch.long),
+        lengths=torch.tensor(lengths, dtype=torch.long),
+    )
+
+
+def collate_prompts(prompts: Sequence[Union[TokenizedExample, Sequence[int]]], pad_id: int,
+                    padding_side: str = "left") -> PromptBatch:
+    """Prompt ids (or examples) -> a padded ``PromptBatch`` for generation; left padding by default."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not prompts:
+        raise ValueError("cannot collate an empty batch")
+    rows = [list(p.prompt_ids) if isinstance(p, TokenizedExample) else list(p) for p in prompts]
+    if any(not row for row in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return PromptBatch(input_ids, attention_mask, torch.tensor([len(r) for r in rows], dtype=torch.long), padding_side)
+
+
+def trim_generation(tokens: Sequence[int], eos_id: int, pad_id: Optional[int] = None) -> list[int]:
+    """A generated response up to and including its first EOS; without EOS, trailing ``pad_id`` tokens are dropped."""
+    tokens = [int(t) for t in tokens]
+    if eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1]
+    if pad_id is not None:
+        while tokens and tokens[-1] == pad_id:
+            tokens.pop()
+    return tokens
+
+
+def batch_from_generations(prompts: Union[PromptBatch, IdRows], responses: Union[torch.Tensor, IdRows], eos_id: int,
+                           pad_id: int, pad_to: Optional[int] = None, pad_to_multiple_of: int = 1) -> TrainingBatch:
+    """Prompts plus the student's generated continuations -> a ``TrainingBatch`` with the usual mask convention.
+
+    ``responses`` holds only the new tokens (e.g. ``generate(...)[:, prompt_width:]``); each row is cut after its first
+    EOS (the EOS is a target), or keeps all its tokens, minus trailing padding, when it hit the token limit.
+    """
+    prompt_rows = prompts.prompts() if isinstance(prompts, PromptBatch) else [list(p) for p in prompts]
+    response_rows = responses.tolist() if isinstance(responses, torch.Tensor) else [list(r) for r in responses]
+    if len(prompt_rows) != len(response_rows):
+        raise ValueError(f"{len(prompt_rows)} prompts but {len(response_rows)} generated responses")
+    pairs = [(p, trim_generation(r, eos_id, pad_id)) for p, r in zip(prompt_rows, response_rows)]
+    return collate_training(pairs, pad_id, pad_to, pad_to_multiple_of)

@@ -1,0 +1,99 @@
+"""KV-cached autoregressive generation for a megatron-core GPTModel split over tensor and pipeline parallelism.
+
+Call it on every rank of one model-parallel group with the same prompts. Per step the stages run the new
+column of tokens (stage_forward.py), the last stage picks the next ids (token_selection.py) and broadcasts them
+over the pipeline group, so every rank holds the same tokens and knows which rows have stopped.
+
+The KV cache is megatron-core's own ``StaticInferenceContext`` (inference/contexts/static_context.py): each
+attention layer keeps [T, b, groups, head_dim] key/value buffers and appends the new positions at
+``sequence_len_offset``. It works unchanged on CPU; left padding (padded_batch.py) supplies what it lacks,
+per-row prompt lengths. ``use_kv_cache=False`` re-runs the whole sequence each step instead (with a fresh
+context, so that only the last position's logits are computed, as in the cached run): the reference the tests
+and the benchmark compare against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_tsdkd.generation.padded_batch import PaddedBatch
+from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.generation.stage_forward import padding_aware_attention, stage_forward, unwrap
+from megatron_tsdkd.generation.token_selection import select_tokens
+
+
+@dataclass
+class GenerationOutput:
+    responses: list[list[int]]   # row i = prompt i // num_samples, sample i % num_samples; EOS kept when produced
+    prompt_index: list[int]      # the prompt each response answers
+    finished: list[bool]         # True where the row ended with an EOS token, False where max_new_tokens cut it
+
+
+def _broadcast_new_tokens(new: torch.Tensor, sampled: bool) -> torch.Tensor:
+    """The last stage's ids to every rank of the model-parallel group (in place)."""
+    from megatron.core import parallel_state as ps
+
+    if sampled and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_world_size() > 1:
+        # Every TP rank drew from the same logits and generator; make the first rank's draw the law anyway.
+        dist.broadcast(new, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(new, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return new
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_token_ids: Iterable[int],
+             pad_token_id: int, vocab_size: int, generator_seed: int = 0,
+             use_kv_cache: bool = True) -> GenerationOutput:
+    """Responses for ``prompts`` (token ids), ``config.num_samples`` per prompt, identical on every rank of
+    the model-parallel group. ``vocab_size`` is the real vocabulary: ids at or above it (TP padding) are never
+    produced. Deterministic given ``generator_seed``; give each data-parallel replica its own seed. The draws
+    of one step are made for the whole batch at once, so a row's sample also depends on the batch it is in."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    rows = [list(p) for p in prompts for _ in range(config.num_samples)]
+    batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(int(generator_seed))
+    total = batch.tokens.shape[1]
+    context = StaticInferenceContext(len(rows), total)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    lengths = torch.full((len(rows),), config.max_new_tokens, dtype=torch.long, device=device)
+
+    with padding_aware_attention(model):
+        for step in range(config.max_new_tokens):
+            known = batch.prompt_len + step  # tokens so far; the new one goes to column `known`
+            if use_kv_cache:
+                start = 0 if step == 0 else known - 1
+                if step == 1:
+                    context.enable_decode_mode()
+            else:  # a fresh cache each step: the whole sequence is recomputed, only the last logits are made
+                start, context = 0, StaticInferenceContext(len(rows), total)
+            logits = stage_forward(model, batch.tokens[:, start:known], batch.attention_mask(start, known), context)
+            if logits is not None:
+                new = select_tokens(logits, config, vocab_size, generator)
+            else:
+                new = torch.empty(len(rows), dtype=torch.long, device=device)
+            new = _broadcast_new_tokens(new, sampled=not config.greedy)
+            new = torch.where(done, torch.full_like(new, pad_token_id), new)
+            batch.tokens[:, known] = new
+            stops = ~done & torch.isin(new, eos)
+            lengths[stops] = step + 1
+            done |= stops
+            if bool(done.all()):
+                break
+
+    generated = batch.tokens[:, batch.prompt_len:].tolist()
+    lengths_list, done_list = lengths.tolist(), done.tolist()
+    return GenerationOutput(
+        responses=[generated[i][:lengths_list[i]] for i in range(len(rows))],
+        prompt_index=[i // config.num_samples for i in range(len(rows))],
+        finished=done_list,
+    )

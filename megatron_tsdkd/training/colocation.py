@@ -1,0 +1,100 @@
+"""Teacher and student co-located on the same ranks, one pipeline stage each, travelling together.
+
+megatron-core's pipeline schedules move ONE activation tensor of shape [seq, micro_batch, hidden] between stages.
+``CoLocatedStage`` runs the frozen teacher's stage (no grad) and then the student's stage on the same input, and
+concatenates their hidden states along the hidden dimension, so the unmodified 1F1B schedule carries both:
+[seq, b, h_teacher + h_student]. On the last stage it returns both models' vocab-sharded logits instead. The
+teacher's half receives no gradient (it is detached on arrival), so backward traffic for it is zeros.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional
+
+import torch
+
+from megatron.core.enums import ModelType
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel under DDP/Float16 wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class PhaseClock:
+    """Accumulates wall time per phase (teacher / student forward) inside the schedule."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def pop(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class CoLocatedStage(torch.nn.Module):
+    """This rank's pipeline stage of the student (trainable, possibly DDP-wrapped) and the teacher (frozen, or None)."""
+
+    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module], clock: Optional[PhaseClock] = None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.clock = clock or PhaseClock()
+        self.model_type = ModelType.encoder_or_decoder
+        s_cfg = unwrap(student).config
+        self.student_hidden = s_cfg.hidden_size
+        self.teacher_hidden = unwrap(teacher).config.hidden_size if teacher is not None else 0
+        # The schedule sizes its p2p buffers from config.hidden_size: give it the combined width.
+        self.config = copy.copy(s_cfg)
+        self.config.hidden_size = self.student_hidden + self.teacher_hidden
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def post_process(self) -> bool:
+        return unwrap(self.student).post_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            unwrap(self.student).set_input_tensor(None)
+            if self.teacher is not None:
+                unwrap(self.teacher).set_input_tensor(None)
+            return
+        teacher_part, student_part = torch.split(input_tensor, [self.teacher_hidden, self.student_hidden], dim=-1)
+        unwrap(self.student).set_input_tensor(student_part)
+        if self.teacher is not None:
+            unwrap(self.teacher).set_input_tensor(teacher_part.detach())
+
+    def forward(self, input_ids, position_ids, attention_mask=None):
+        teacher_out = None
+        if self.teacher is not None:
+            _sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+            _sync()
+            self.clock.add("teacher_forward", time.perf_counter() - start)
+        start = time.perf_counter()
+        student_out = self.student(input_ids, position_ids, attention_mask)
+        _sync()
+        self.clock.add("student_forward", time.perf_counter() - start)
+        if self.post_process:
+            return student_out, teacher_out  # vocab-sharded logits [b, s, V/TP] of both models
+        if teacher_out is None:
+            return student_out
+        return torch.cat([teacher_out.to(student_out.dtype), student_out], dim=-1)

@@ -1,0 +1,459 @@
+"""Per-rank GPU memory plan of a co-located teacher/student layout, before anything is allocated.
+
+Parameter counts are exact per rank: they follow megatron-core's GPTModel with the local layer spec as
+``megatron_tsdkd.models.build_model`` builds it (embedding on the first pipeline stage, final norm and output layer on
+the last, a tied output layer duplicated on the last stage when PP > 1, column/row-parallel weights sliced over TP,
+norms replicated, the vocabulary padded as the trainer pads it). Gradient and optimizer bytes follow the trainer's
+choices (fp32 gradient buffer, Adam moments and fp32 master weights, sharded over data-parallel ranks with the
+distributed optimizer). Activations, KV cache and loss buffers are estimates from tensor shapes (stated below), and
+a fixed reserve covers the CUDA context, NCCL buffers and allocator slack.
+
+``tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80`` prints the table;
+``check_memory_plan`` is what the trainer calls before it builds a model, and raises ``MemoryPlanError`` (table and
+a suggested layout in the message) unless ``memory.enforce=false``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_tsdkd.models.builder import padded_vocab_size
+from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+
+GIB = 1024**3
+WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
+ADAM_MOMENT_BYTES = 8           # exp_avg + exp_avg_sq, fp32
+MASTER_WEIGHT_BYTES = 4         # fp32 copy of bf16/fp16 weights (fp32 weights are their own master)
+NORM_WEIGHT_BYTES = 4           # RMSNorm weights stay fp32 (torch RMSNorm in megatron's local spec)
+LOSS_CHUNK_COPIES = 6           # fp32 [chunk, V/TP] tensors alive in a chunk of the vocab-parallel losses
+RUNTIME_RESERVE = 3 * GIB       # CUDA context, NCCL communicators and buffers, allocator fragmentation
+SHIPPED_HF_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hf")
+
+
+class MemoryPlanError(ValueError):
+    """The layout cannot fit in GPU memory; the message holds the table and a suggestion."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact parameter counts
+
+
+def shared_padded_vocab(specs: list[ArchSpec], tp: int) -> int:
+    """Teacher and student share one padded vocabulary (the larger of the two), as the trainer builds them."""
+    return max(padded_vocab_size(s.vocab_size, tp) for s in specs)
+
+
+def layer_parameters(spec: ArchSpec, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank."""
+    h, d = spec.hidden_size, spec.head_dim
+    qkv_rows = (spec.num_heads + 2 * spec.num_query_groups) * d // tp      # column-parallel
+    count = 2 * h                                                         # input and pre-MLP RMSNorm (replicated)
+    count += qkv_rows * h + (qkv_rows if spec.qkv_bias else 0)            # linear_qkv (+ bias, sliced with it)
+    count += h * (spec.num_heads * d // tp)                               # linear_proj, row-parallel, no bias
+    count += 2 * d if spec.qk_norm else 0                                 # q/k RMSNorm over head_dim (replicated)
+    count += 2 * (spec.ffn_hidden_size // tp) * h                         # linear_fc1: gate | up
+    count += h * (spec.ffn_hidden_size // tp)                             # linear_fc2
+    return count
+
+
+def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
+    """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them."""
+    count = (spec.num_layers // pp) * layer_parameters(spec, tp)
+    embedding = (padded_vocab // tp) * spec.hidden_size
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        count += embedding
+    if last:
+        count += spec.hidden_size                                         # final RMSNorm
+        if not spec.tie_embeddings or not first:                          # a tied output layer is a copy when PP > 1
+            count += embedding
+    return count
+
+
+def stage_norm_parameters(spec: ArchSpec, pp: int, stage: int) -> int:
+    """The RMSNorm weights among ``stage_parameters``: megatron's local spec without Apex builds them as torch
+    RMSNorm modules, which stay fp32 whatever the model dtype (so they also need no fp32 master copy)."""
+    per_layer = 2 * spec.hidden_size + (2 * spec.head_dim if spec.qk_norm else 0)
+    return (spec.num_layers // pp) * per_layer + (spec.hidden_size if stage == pp - 1 else 0)
+
+
+def total_parameters(spec: ArchSpec) -> int:
+    """The unsharded model's parameters (HF count: vocabulary unpadded, tied embedding once)."""
+    return stage_parameters(spec, 1, 1, 0, spec.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    tp: int
+    pp: int
+    world_size: int
+    micro_batch: int
+    global_batch: int
+    seq_len: int                  # prompt + response tokens per training sequence
+    dtype: str = "bf16"
+    distributed_optimizer: bool = True
+    recompute: bool = False       # full activation recompute, one checkpoint per layer
+    rollout: bool = False         # student samples responses (on-policy), so a KV cache is needed
+    rollout_len: int = 0          # prompt + generated tokens per rollout sequence
+    chunk_size: int = 1024        # tokens per chunk in the vocab-parallel losses
+    gpu_memory_gib: float = 80.0
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def micro_batches(self) -> int:
+        return max(1, self.global_batch // (self.dp * self.micro_batch))
+
+
+@dataclass
+class Row:
+    name: str
+    bytes_per_stage: list[int]
+    phase: str = "static"         # static | train | rollout
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    student: ArchSpec
+    teacher: Optional[ArchSpec]
+    padded_vocab: int
+    student_params: list[int]     # per rank, per stage
+    teacher_params: list[int]
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.inputs.gpu_memory_gib * GIB)
+
+    def peak(self, stage: int) -> int:
+        """Static memory plus the larger of the training and rollout phases (they never overlap)."""
+        total = {"static": 0, "train": 0, "rollout": 0}
+        for row in self.rows:
+            total[row.phase] += row.bytes_per_stage[stage]
+        return total["static"] + max(total["train"], total["rollout"])
+
+    @property
+    def peaks(self) -> list[int]:
+        return [self.peak(s) for s in range(self.inputs.pp)]
+
+    @property
+    def worst_stage(self) -> int:
+        peaks = self.peaks
+        return peaks.index(max(peaks))
+
+    @property
+    def fits(self) -> bool:
+        return max(self.peaks) <= self.capacity
+
+    def largest_item(self, stage: Optional[int] = None) -> Row:
+        stage = self.worst_stage if stage is None else stage
+        return max(self.rows, key=lambda r: r.bytes_per_stage[stage])
+
+    def row(self, name_start: str) -> Row:
+        return next(r for r in self.rows if r.name.startswith(name_start))
+
+    # ---- text ----
+    def layout_line(self) -> str:
+        i = self.inputs
+        return (f"TP={i.tp} PP={i.pp} DP={i.dp} (world {i.world_size}), micro-batch {i.micro_batch} x "
+                f"{i.micro_batches} per step (global {i.global_batch}), sequence {i.seq_len}, {i.dtype}, "
+                f"distributed optimizer {'on' if i.distributed_optimizer else 'off'}, "
+                f"recompute {'full' if i.recompute else 'off'}")
+
+    def table(self) -> str:
+        i = self.inputs
+        stages = list(range(i.pp))
+        shown = stages if i.pp <= 8 else [0, 1, i.pp - 2, i.pp - 1]
+        names = [f"stage {s}" for s in shown]
+        width = max(len(r.name) + (len(r.note) + 3 if r.note else 0) for r in self.rows) + 2
+        width = max(width, 34)
+        lines = [
+            f"student: {_describe(self.student)}",
+            f"teacher: {_describe(self.teacher) if self.teacher else 'none'}",
+            f"layout:  {self.layout_line()}; padded vocabulary {self.padded_vocab}",
+            "",
+            f"{'per rank, GiB':<{width}}" + "".join(f"{n:>15}" for n in names),
+            f"{'  student parameters (exact)':<{width}}" + "".join(f"{self.student_params[s]:>15,}" for s in shown),
+        ]
+        if self.teacher:
+            lines.append(f"{'  teacher parameters (exact)':<{width}}"
+                         + "".join(f"{self.teacher_params[s]:>15,}" for s in shown))
+        for phase, title in (("static", "always resident"), ("train", "training step (transient)"),
+                             ("rollout", "rollout (transient, not with training)")):
+            rows = [r for r in self.rows if r.phase == phase]
+            if not rows:
+                continue
+            lines.append(f"{title}:")
+            for r in rows:
+                label = f"  {r.name}" + (f" ({r.note})" if r.note else "")
+                lines.append(f"{label:<{width}}" + "".join(f"{r.bytes_per_stage[s] / GIB:>15.2f}" for s in shown))
+        lines.append(f"{'peak':<{width}}" + "".join(f"{self.peak(s) / GIB:>15.2f}" for s in shown))
+        lines.append(f"{'GPU memory':<{width}}" + "".join(f"{self.capacity / GIB:>15.2f}" for _ in shown))
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        worst = self.worst_stage
+        peak = self.peak(worst)
+        if self.fits:
+            return (f"verdict: FITS, worst stage {worst} at {peak / GIB:.1f} of {self.capacity / GIB:.0f} GiB "
+                    f"({(self.capacity - peak) / GIB:.1f} GiB headroom)")
+        item = self.largest_item(worst)
+        return (f"verdict: DOES NOT FIT, stage {worst} needs {peak / GIB:.1f} GiB of {self.capacity / GIB:.0f} GiB; "
+                f"largest item: {item.name} ({item.bytes_per_stage[worst] / GIB:.1f} GiB)")
+
+
+def _describe(spec: ArchSpec) -> str:
+    return (f"{spec.model_type}, {total_parameters(spec) / 1e9:.2f}B parameters, {spec.num_layers} layers, hidden "
+            f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_query_groups} kv, vocab {spec.vocab_size}"
+            f"{', tied embeddings' if spec.tie_embeddings else ''}")
+
+
+# ---- activation estimates (bytes), per TP rank ----
+
+def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int) -> int:
+    """What one layer keeps for backward (local spec, no sequence parallelism, attention scores materialised):
+    both norm inputs and outputs, q/k/v, attention output, SwiGLU input and output, softmax probabilities."""
+    h, d = spec.hidden_size, spec.head_dim
+    per_token = 4 * h + (spec.num_heads + 2 * spec.num_query_groups) * d // tp + spec.num_heads * d // tp
+    per_token += 3 * spec.ffn_hidden_size // tp
+    scores = batch * (spec.num_heads // tp) * seq * seq
+    return (tokens * per_token + scores) * elem
+
+
+def _layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int) -> int:
+    """Transient peak inside one layer's forward: attention scores and probabilities, or the SwiGLU activations."""
+    scores = 2 * batch * (spec.num_heads // tp) * seq * seq
+    mlp = tokens * 3 * spec.ffn_hidden_size // tp
+    return (max(scores, mlp) + 2 * tokens * spec.hidden_size) * elem
+
+
+def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> MemoryPlan:
+    """The per-stage memory plan; raises ParallelLayoutError (a ValueError) if the layout cannot split the models."""
+    i = inputs
+    if i.world_size % (i.tp * i.pp):
+        raise ValueError(f"world size {i.world_size} is not divisible by TP {i.tp} x PP {i.pp}")
+    models = [student] + ([teacher] if teacher else [])
+    vocab = shared_padded_vocab(models, i.tp)
+    for spec in models:
+        check_parallel_layout(spec, i.tp, i.pp, padded_vocab=vocab)
+    elem = WEIGHT_BYTES[i.dtype]
+    stages = range(i.pp)
+    s_params = [stage_parameters(student, i.tp, i.pp, s, vocab) for s in stages]
+    t_params = [stage_parameters(teacher, i.tp, i.pp, s, vocab) if teacher else 0 for s in stages]
+    plan = MemoryPlan(i, student, teacher, vocab, s_params, t_params)
+    rows = plan.rows
+
+    def weight_bytes(spec, params, stage):
+        norms = stage_norm_parameters(spec, i.pp, stage)
+        return (params - norms) * elem + norms * NORM_WEIGHT_BYTES
+
+    def optimizer_bytes(params, stage):
+        master = MASTER_WEIGHT_BYTES if i.dtype != "fp32" else 0
+        norms = stage_norm_parameters(student, i.pp, stage)
+        return (params - norms) * (ADAM_MOMENT_BYTES + master) + norms * ADAM_MOMENT_BYTES
+
+    shards = i.dp if i.distributed_optimizer else 1
+    if teacher:
+        rows.append(Row("teacher weights", [weight_bytes(teacher, p, s) for s, p in enumerate(t_params)],
+                        note=f"{i.dtype}, frozen"))
+    rows.append(Row("student weights", [weight_bytes(student, p, s) for s, p in enumerate(s_params)], note=i.dtype))
+    rows.append(Row("student gradients", [p * GRAD_BUFFER_BYTES for p in s_params], note="fp32 buffer"))
+    opt_note = ("Adam moments" + (" + fp32 master" if i.dtype != "fp32" else "")
+                + (f", /{shards} over DP" if shards > 1 else ""))
+    rows.append(Row("optimizer state", [-(-optimizer_bytes(p, s) // shards) for s, p in enumerate(s_params)],
+                    note=opt_note))
+    rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE] * i.pp))
+
+    b, seq = i.micro_batch, i.seq_len
+    tokens = b * seq
+    layers = student.num_layers // i.pp
+    activations, working, logits = [], [], []
+    for s in stages:
+        in_flight = min(i.pp - s, i.micro_batches) if i.pp > 1 else 1      # 1F1B keeps PP - s micro-batches
+        if i.recompute:   # only each layer's input is kept; one layer is recomputed at a time
+            kept = in_flight * layers * tokens * student.hidden_size * elem
+            kept += _layer_saved_activations(student, i.tp, tokens, b, seq, elem)
+        else:
+            kept = in_flight * layers * _layer_saved_activations(student, i.tp, tokens, b, seq, elem)
+        if teacher and i.pp > 1:  # the teacher's hidden states travel with the student's between stages
+            kept += in_flight * tokens * teacher.hidden_size * elem
+        activations.append(kept)
+        working.append(max(_layer_working_set(m, i.tp, tokens, b, seq, elem) for m in models))
+        last = s == i.pp - 1
+        chunk = min(i.chunk_size, tokens)
+        logits.append(((1 + len(models)) * tokens * (vocab // i.tp) * elem     # both models' logits + logit grad
+                       + LOSS_CHUNK_COPIES * chunk * (vocab // i.tp) * 4) if last else 0)
+    rows.append(Row("student activations", activations, "train",
+                    note=("full recompute" if i.recompute else "no recompute") + ", 1F1B in flight"))
+    rows.append(Row("layer working set", working, "train", note="attention scores / MLP"))
+    rows.append(Row("logits + loss chunk buffers", logits, "train", note=f"chunk {i.chunk_size}"))
+    if i.rollout:
+        batch = max(1, i.global_batch // i.dp)   # a rank samples all of its sequences of the step at once
+        kv = [2 * layers * (student.num_query_groups // i.tp) * student.head_dim * batch * i.rollout_len * elem
+              for _ in stages]
+        rows.append(Row("student KV cache", kv, "rollout", note=f"{batch} sequences x {i.rollout_len} tokens"))
+        gen_logits = [batch * (vocab // i.tp) * 4 * 2 if s == i.pp - 1 else 0 for s in stages]
+        rows.append(Row("sampling logits", gen_logits, "rollout"))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a TrainConfig
+
+
+def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = None, recompute: bool = False,
+                       tp: Optional[int] = None, pp: Optional[int] = None) -> PlanInputs:
+    r = cfg.rollout
+    rollout = cfg.method.name not in ("sft", "kd") and r.on_policy_prob > 0
+    return PlanInputs(
+        tp=tp or cfg.parallel.tensor, pp=pp or cfg.parallel.pipeline, world_size=world_size,
+        micro_batch=cfg.batch.micro_size, global_batch=cfg.batch.global_size, seq_len=cfg.data.max_length,
+        dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        recompute=recompute, rollout=rollout, rollout_len=cfg.data.max_prompt_length + r.max_new_tokens,
+        chunk_size=cfg.method.chunk_size,
+        gpu_memory_gib=cfg.memory.gpu_memory_gib if gpu_memory_gib is None else gpu_memory_gib,
+    )
+
+
+def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> str:
+    """The smallest model-parallel layout that fits (same world size first, then more GPUs), as a sentence."""
+    def fitting(world_size: int, recompute: bool):
+        found = []
+        for tp in (1, 2, 4, 8):
+            for pp in range(1, 65):
+                if world_size % (tp * pp):
+                    continue
+                candidate = PlanInputs(**{**inputs.__dict__, "tp": tp, "pp": pp, "world_size": world_size,
+                                          "recompute": recompute})
+                try:
+                    plan = plan_memory(student, teacher, candidate)
+                except ValueError:
+                    continue
+                if plan.fits:
+                    found.append((tp * pp, -tp, max(plan.peaks), tp, pp))
+        return min(found) if found else None
+
+    recompute_options = [inputs.recompute] if inputs.recompute else [False, True]
+    for recompute in recompute_options:
+        best = fitting(inputs.world_size, recompute)
+        if best:
+            _, _, peak, tp, pp = best
+            extra = " with full activation recompute" if recompute else ""
+            return (f"try parallel.tensor={tp} parallel.pipeline={pp}{extra} "
+                    f"(peak {peak / GIB:.1f} GiB at world size {inputs.world_size})")
+    mp = inputs.tp * inputs.pp
+    for world in sorted({mp * k for k in range(1, 65)} | {8 * k for k in range(1, 65)}):
+        if world <= inputs.world_size:
+            continue
+        best = fitting(world, inputs.recompute)
+        if best:
+            _, _, peak, tp, pp = best
+            return (f"no layout fits on {inputs.world_size} GPUs; {world} GPUs would fit with parallel.tensor={tp} "
+                    f"parallel.pipeline={pp} (peak {peak / GIB:.1f} GiB)")
+    return "no tensor/pipeline layout up to 512 GPUs fits; shorten data.max_length or use GPUs with more memory"
+
+
+def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
+                      gpu_memory_bytes: Optional[int] = None, recompute: bool = False) -> MemoryPlan:
+    """The trainer's gate, before any model is built: raise MemoryPlanError (table + suggestion) when the layout
+    cannot fit and ``memory.enforce`` is true; return the plan otherwise. ``gpu_memory_bytes`` is the device's
+    real size on GPU (else ``memory.gpu_memory_gib``)."""
+    student = _as_spec(student_config)
+    teacher = _as_spec(teacher_config) if teacher_config is not None else None
+    gib = gpu_memory_bytes / GIB if gpu_memory_bytes else None
+    inputs = inputs_from_config(cfg, world_size, gib, recompute)
+    plan = plan_memory(student, teacher, inputs)
+    if not plan.fits and cfg.memory.enforce:
+        raise MemoryPlanError(
+            f"parallel layout: the planned memory per GPU exceeds {inputs.gpu_memory_gib:.0f} GiB; "
+            f"{suggest_layout(student, teacher, inputs)}, or set memory.enforce=false to try anyway.\n{plan.table()}")
+    return plan
+
+
+def _as_spec(config) -> ArchSpec:
+    return config if isinstance(config, ArchSpec) else arch_spec(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_hf_spec(path: str, role: str) -> tuple[ArchSpec, str]:
+    """An ArchSpec from a model folder, a config.json, or (when the folder does not exist yet) the config shipped in
+    configs/hf/<folder name>/ for users who have no weights yet. Returns the spec and where it came from."""
+    from megatron_tsdkd.models.hf_config import read_hf_config
+
+    candidates = [path]
+    if not os.path.exists(path):
+        candidates.append(os.path.join(SHIPPED_HF_CONFIGS, os.path.basename(os.path.normpath(path))))
+    for candidate in candidates:
+        folder = os.path.dirname(candidate) if candidate.endswith(".json") else candidate
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return arch_spec(read_hf_config(folder)), os.path.normpath(os.path.join(folder, "config.json"))
+    raise FileNotFoundError(f"{role}: no config.json at {path}"
+                            + (f" nor in {os.path.normpath(candidates[-1])}" if len(candidates) > 1 else "")
+                            + f"; pass --{role}-config PATH")
+
+
+def _world_size_from_env() -> Optional[int]:
+    nodes, gpus = os.environ.get("SLURM_JOB_NUM_NODES"), os.environ.get("SLURM_GPUS_ON_NODE")
+    if nodes and gpus:
+        return int(nodes) * int(gpus)
+    return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="tsdkd-plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="training YAML (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tsdkd-train")
+    parser.add_argument("--world-size", type=int, help="GPUs in the job (default: nodes x GPUs per node, or TP x PP)")
+    parser.add_argument("--nodes", type=int, help="nodes in the job (with --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gib", type=float, help="memory per GPU (default: memory.gpu_memory_gib)")
+    parser.add_argument("--recompute", action="store_true", help="plan with full activation recompute")
+    parser.add_argument("--student-config", help="HF folder or config.json (default: models.student.path)")
+    parser.add_argument("--teacher-config", help="HF folder or config.json (default: models.teacher.path)")
+    args = parser.parse_args(argv)
+
+    from megatron_tsdkd.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+        student, where_s = load_hf_spec(args.student_config or cfg.models.student.path, "student")
+        teacher, where_t = (None, None)
+        if cfg.method.name != "sft" and (args.teacher_config or cfg.models.teacher.path):
+            teacher, where_t = load_hf_spec(args.teacher_config or cfg.models.teacher.path, "teacher")
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    mp = cfg.parallel.tensor * cfg.parallel.pipeline
+    world = args.world_size or (args.nodes * args.gpus_per_node if args.nodes else None) or _world_size_from_env() or mp
+    inputs = inputs_from_config(cfg, world, args.gpu_memory_gib, args.recompute)
+    try:
+        plan = plan_memory(student, teacher, inputs)
+    except ValueError as error:
+        print(f"error: parallel layout: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"student config: {where_s}")
+    if teacher:
+        print(f"teacher config: {where_t}")
+    print(plan.table())
+    if not plan.fits:
+        print(f"suggestion: {suggest_layout(student, teacher, inputs)}")
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

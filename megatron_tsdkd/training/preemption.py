@@ -1,0 +1,51 @@
+"""SIGTERM / SIGUSR1 (Slurm preemption or time limit) make the job save a checkpoint and exit cleanly.
+
+The handler only records the signal; the training loop checks after each optimizer step, and all ranks agree via
+an all-reduce (a signal may reach only some ranks, or reach them at different steps).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def job_signals_deferred():
+    """Hold SIGTERM/SIGUSR1 until the block ends (they are delivered then, not lost).
+
+    Slurm signals EVERY process of a job step. dist_checkpointing spawns a helper process at the first save, and a
+    helper killed by a step-wide USR1 breaks every later save. Processes spawned inside this block inherit the
+    blocked mask, so they never die of those signals; the trainer itself still receives them right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class PreemptionFlag:
+    def __init__(self, signals=JOB_SIGNALS):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_rank_received(self) -> bool:
+        """Collective over the world: True if any rank got a signal."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

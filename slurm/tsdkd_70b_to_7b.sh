@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# TSD-KD: Qwen2.5-72B-Instruct teacher -> Qwen2.5-7B-Instruct student, 2 nodes x 8 GPUs (TP=4, PP=2, DP=2).
+# The Llama-3.1-70B -> 8B variant: TSDKD_CONFIG=configs/tsdkd_llama70b_to_8b.yaml with TEACHER_MODEL/STUDENT_MODEL set.
+#
+#   mkdir -p logs && sbatch slurm/tsdkd_70b_to_7b.sh [key=value ...]      # submit from the repository root
+#
+# Paths come from the environment (defaults in brackets, relative to the repository root):
+#   TEACHER_MODEL  [models/Qwen2.5-72B-Instruct]   Hugging Face folder of the teacher
+#   STUDENT_MODEL  [models/Qwen2.5-7B-Instruct]   Hugging Face folder of the student
+#   TRAIN_DATA     [data/ultrainteract_sft.jsonl]   JSONL prompts (messages | prompt/response)
+#   OUTPUT_DIR     [outputs/<config name>, e.g. outputs/tsdkd_70b_to_7b]
+#                  checkpoints/, tensorboard/ and per-node logs
+#   TSDKD_CONFIG   [configs/tsdkd_70b_to_7b.yaml]   training config; key=value arguments override it
+# Check the memory plan before queueing: python tools/plan.py --config configs/tsdkd_70b_to_7b.yaml --world-size 16
+# Try the launch path without Slurm: NPROC_PER_NODE=1 slurm/tsdkd_70b_to_7b.sh parallel.tensor=1 ...
+#
+# Preemption and time limits: Slurm sends USR1 to this script 600 s before the limit (--signal); the launcher
+# passes it to the trainer, which saves a checkpoint and exits, and the job requeues itself and resumes
+# (checkpoint.resume=auto). `scancel --batch --signal=USR1 <job>` does the same by hand.
+#SBATCH --job-name=tsdkd-72b-7b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --error=logs/%x-%j.err
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+set -euo pipefail
+
+# Under sbatch this file runs from Slurm's spool folder, so the repository is where the job was submitted.
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    TSDKD_HOME=${TSDKD_HOME:-$SLURM_SUBMIT_DIR}
+else
+    TSDKD_HOME=${TSDKD_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+fi
+if [[ ! -f $TSDKD_HOME/slurm/launch.sh ]]; then
+    echo "tsdkd_70b_to_7b.sh: error: $TSDKD_HOME is not the repository root; submit from it or set TSDKD_HOME" >&2
+    exit 2
+fi
+cd "$TSDKD_HOME"
+export TSDKD_HOME
+
+TEACHER_MODEL=${TEACHER_MODEL:-models/Qwen2.5-72B-Instruct}
+STUDENT_MODEL=${STUDENT_MODEL:-models/Qwen2.5-7B-Instruct}
+TRAIN_DATA=${TRAIN_DATA:-data/ultrainteract_sft.jsonl}
+CONFIG=${TSDKD_CONFIG:-configs/tsdkd_70b_to_7b.yaml}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/$(basename "$CONFIG" .yaml)}
+for path in "$TEACHER_MODEL" "$STUDENT_MODEL"; do
+    [[ -f $path/config.json ]] || { echo "tsdkd_70b_to_7b.sh: error: $path has no config.json (set TEACHER_MODEL / STUDENT_MODEL)" >&2; exit 2; }
+done
+[[ -f $TRAIN_DATA ]] || { echo "tsdkd_70b_to_7b.sh: error: training data $TRAIN_DATA not found (set TRAIN_DATA)" >&2; exit 2; }
+export TSDKD_LOG_DIR=${TSDKD_LOG_DIR:-$OUTPUT_DIR/logs}
+
+# shellcheck source=slurm/gpu_env.sh
+source "$TSDKD_HOME/slurm/gpu_env.sh"
+
+exec "$TSDKD_HOME/slurm/launch.sh" "$CONFIG" \
+    "models.teacher.path=$TEACHER_MODEL" "models.student.path=$STUDENT_MODEL" "data.train=$TRAIN_DATA" \
+    "checkpoint.dir=$OUTPUT_DIR/checkpoints" "logging.dir=$OUTPUT_DIR/tensorboard" checkpoint.resume=auto "$@"

@@ -1,0 +1,203 @@
+"""The memory planner: real model sizes, the job scripts' layouts, and exact per-rank parameter and optimizer bytes
+against real megatron models built on 2 gloo processes (TP=2, PP=2, DP=2)."""
+import os
+import re
+
+import pytest
+import torch
+
+from harness import run_parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF = os.path.join(ROOT, "configs", "hf")
+
+# Published parameter counts (model cards / safetensors index totals).
+PUBLISHED = {
+    "Qwen2.5-72B-Instruct": 72_706_203_648,
+    "Qwen2.5-14B-Instruct": 14_770_033_664,
+    "Qwen2.5-7B-Instruct": 7_615_616_512,
+    "Qwen2.5-1.5B-Instruct": 1_543_714_304,
+    "Llama-3.1-70B-Instruct": 70_553_706_496,
+    "Llama-3.1-8B-Instruct": 8_030_261_248,
+}
+
+
+def spec_of(name):
+    from megatron_tsdkd.training.memory_plan import load_hf_spec
+
+    return load_hf_spec(os.path.join(HF, name), name)[0]
+
+
+def script_world_size(script):
+    """Nodes x GPUs per node from a job script's #SBATCH header: the layout the script really asks for."""
+    text = open(os.path.join(ROOT, "slurm", script)).read()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    gpus = int(re.search(r"^#SBATCH --gpus-per-node=(\d+)", text, re.M).group(1))
+    return nodes * gpus
+
+
+def config(name, *overrides):
+    from megatron_tsdkd.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", name), list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_hf_configs_have_the_published_sizes(name):
+    from megatron_tsdkd.training.memory_plan import total_parameters
+
+    assert total_parameters(spec_of(name)) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("script, yaml", [("tsdkd_70b_to_7b.sh", "tsdkd_70b_to_7b.yaml"),
+                                          ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
+                                          ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml")])
+def test_job_layouts_fit_80gb(script, yaml):
+    from megatron_tsdkd.training.memory_plan import check_memory_plan, load_hf_spec
+
+    cfg = config(yaml)
+    student = load_hf_spec(cfg.models.student.path, "student")[0]
+    teacher = load_hf_spec(cfg.models.teacher.path, "teacher")[0]
+    plan = check_memory_plan(cfg, script_world_size(script), student, teacher, gpu_memory_bytes=80 * 1024**3)
+    assert plan.fits and plan.inputs.dp >= 1
+    assert "FITS" in plan.table()
+
+
+def test_72b_to_7b_refused_at_tp1_naming_the_teacher_weights():
+    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+
+    student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
+    world = script_world_size("tsdkd_70b_to_7b.sh")
+    cfg = config("tsdkd_70b_to_7b.yaml", "parallel.tensor=1")
+    with pytest.raises(MemoryPlanError) as refused:
+        check_memory_plan(cfg, world, student, teacher, gpu_memory_bytes=80 * 1024**3)
+    message = str(refused.value)
+    assert "DOES NOT FIT" in message and "largest item: teacher weights" in message
+    assert "try parallel.tensor=" in message and "memory.enforce=false" in message
+    assert "student gradients" in message and "optimizer state" in message  # the table comes with it
+    # the suggested layout really fits
+    tp, pp = map(int, re.search(r"parallel.tensor=(\d+) parallel.pipeline=(\d+)", message).groups())
+    check_memory_plan(config("tsdkd_70b_to_7b.yaml", f"parallel.tensor={tp}", f"parallel.pipeline={pp}"), world,
+                      student, teacher, gpu_memory_bytes=80 * 1024**3)
+    # the override lets it through
+    plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml", "parallel.tensor=1", "memory.enforce=false"), world,
+                             student, teacher, gpu_memory_bytes=80 * 1024**3)
+    assert not plan.fits and plan.largest_item().name == "teacher weights"
+
+
+def test_cli_accepts_and_refuses(capsys):
+    from megatron_tsdkd.training.memory_plan import main
+
+    yaml = os.path.join(ROOT, "configs", "tsdkd_70b_to_7b.yaml")
+    main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "80"])
+    out = capsys.readouterr().out
+    assert "verdict: FITS" in out and "teacher weights" in out and "configs/hf/Qwen2.5-72B-Instruct" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "80", "parallel.tensor=1"])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "suggestion: try parallel.tensor=" in out
+
+
+def test_planner_arithmetic_by_hand():
+    """Qwen2.5-7B at TP=4, PP=2, counted by hand from its published shapes."""
+    from megatron_tsdkd.training.memory_plan import stage_parameters
+
+    s = spec_of("Qwen2.5-7B-Instruct")
+    h, layers = 3584, 14
+    layer = 2 * h + (28 + 8) * 128 // 4 * (h + 1) + h * 28 * 128 // 4 + 3 * 18944 // 4 * h
+    embedding = 152064 // 4 * h
+    assert stage_parameters(s, 4, 2, 0, 152064) == layers * layer + embedding
+    assert stage_parameters(s, 4, 2, 1, 152064) == layers * layer + embedding + h
+
+
+def test_tied_output_layer_is_a_copy_only_with_pipeline_stages():
+    from megatron_tsdkd.training.memory_plan import stage_parameters
+
+    s = spec_of("Qwen2.5-1.5B-Instruct")
+    embedding = 152064 * s.hidden_size // 2
+    one_stage = stage_parameters(s, 2, 1, 0, 152064)
+    two = [stage_parameters(s, 2, 2, st, 152064) for st in (0, 1)]
+    assert sum(two) == one_stage + embedding
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against real megatron models, per rank
+
+
+def _rank_bytes(model_dirs, dtype_name):
+    """Per model: (stage, parameter count, parameter bytes, optimizer state bytes, gradient buffer elements) here."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_tsdkd.config import TrainConfig
+    from megatron_tsdkd.models import build_model, read_hf_config
+    from megatron_tsdkd.training.optim import build_optimizer
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    out = []
+    for folder in model_dirs:
+        torch.manual_seed(0)
+        model = build_model(read_hf_config(folder), params_dtype=dtype)
+        params = list(model.parameters())
+        count = sum(p.numel() for p in params)
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=model)
+        grad_elements = sum(buffer.grad_data.numel() for buffer in ddp.buffers)
+        cfg = TrainConfig()
+        optimizer = build_optimizer(cfg, [ddp], dtype)
+        optimizer.step()  # Adam creates its moments on the first step
+        state = 0
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):   # DistributedOptimizer(s)
+            state += sum(t.numel() * t.element_size() for st in part.optimizer.state.values()
+                         for key, t in st.items() if key in ("exp_avg", "exp_avg_sq"))
+            masters = [p for group in part.shard_fp32_from_float16_groups for p in group]  # fp32 copies of bf16
+            state += sum(p.numel() * p.element_size() for p in masters)
+        out.append((ps.get_pipeline_model_parallel_rank(), count, nbytes, state, grad_elements))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from tiny_models import make_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("plan_models")
+    return {
+        "qwen2_tied": make_tiny_hf_model("qwen2", str(root / "qwen2_tied"), tie=True),
+        "llama": make_tiny_hf_model("llama", str(root / "llama"), tie=False),
+        "qwen3": make_tiny_hf_model("qwen3", str(root / "qwen3"), tie=False),
+    }
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (1, 1)])
+def test_per_rank_bytes_match_real_models(tiny_models, tp, pp):
+    """World of 2: TP=2 (DP=1), PP=2 (DP=1), DP=2 (optimizer state sharded). Weights and optimizer state exact."""
+    from megatron_tsdkd.models import read_hf_config
+    from megatron_tsdkd.training.memory_plan import PlanInputs, arch_spec, plan_memory
+
+    names = sorted(tiny_models)
+    world, dp = 2, 2 // (tp * pp)
+    ranks = run_parallel(_rank_bytes, [tiny_models[n] for n in names], "bf16", world_size=world, tp=tp, pp=pp)
+    for index, name in enumerate(names):
+        spec = arch_spec(read_hf_config(tiny_models[name]))
+        plan = plan_memory(spec, None, PlanInputs(tp=tp, pp=pp, world_size=world, micro_batch=1, global_batch=2,
+                                                  seq_len=16, dtype="bf16", distributed_optimizer=True))
+        weights, optimizer, grads = (plan.row(n).bytes_per_stage for n in ("student weights", "optimizer state",
+                                                                            "student gradients"))
+        optimizer_total = 0
+        for rank in ranks:
+            stage, count, nbytes, state, grad_elements = rank[index]
+            assert count == plan.student_params[stage], (name, tp, pp, stage)
+            assert nbytes == weights[stage], (name, tp, pp, stage)
+            if dp == 1:
+                assert state == optimizer[stage], (name, tp, pp, stage)
+            else:  # shards split at bucket boundaries: each near 1/dp of the whole, together exact
+                assert abs(state - optimizer[stage]) <= 12 * 128 * dp, (name, state, optimizer[stage])
+                optimizer_total += state
+            # the fp32 gradient buffer: the planned 4 bytes per parameter, plus megatron's alignment padding
+            assert grads[stage] <= 4 * grad_elements <= grads[stage] + 4 * (64 * 32 + 128 * dp)
+        if dp > 1:
+            unsharded = plan_memory(spec, None, PlanInputs(tp=tp, pp=pp, world_size=1, micro_batch=1, global_batch=2,
+                                                           seq_len=16, dtype="bf16"))
+            assert optimizer_total == unsharded.row("optimizer state").bytes_per_stage[0]
