@@ -49,10 +49,3 @@ def build_method(config: MethodConfig) -> DistillationMethod:
     except KeyError:
         raise ValueError(f"method.name: unknown method {config.name!r} (known: {', '.join(sorted(METHODS))})") from None
     return cls(config)
-
-
-def token_count(batch: dict) -> torch.Tensor:
-    return batch["loss_mask"].sum().detach().float()
-
-
-

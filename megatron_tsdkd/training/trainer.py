@@ -11,7 +11,6 @@ One optimizer step, on every rank:
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
