@@ -18,17 +18,9 @@
 set -euo pipefail
 
 # Under sbatch this file runs from Slurm's spool folder, so the repository is where the job was submitted.
-if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    TSDKD_HOME=${TSDKD_HOME:-$SLURM_SUBMIT_DIR}
-else
-    TSDKD_HOME=${TSDKD_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-fi
-if [[ ! -f $TSDKD_HOME/slurm/launch.sh ]]; then
-    echo "demo_cpu.sh: error: $TSDKD_HOME is not the repository root; submit from it or set TSDKD_HOME" >&2
-    exit 2
-fi
-cd "$TSDKD_HOME"
-export TSDKD_HOME
+TSDKD_HOME=${TSDKD_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+# shellcheck source=slurm/job_home.sh
+source "$TSDKD_HOME/slurm/job_home.sh" "demo_cpu.sh"
 
 CONFIG=${TSDKD_CONFIG:-configs/demo_cpu.yaml}
 export NPROC_PER_NODE=${NPROC_PER_NODE:-2}
