@@ -67,7 +67,7 @@ def dense_tsdkd(student, teacher, mask, cfg: TSDKDLossConfig) -> torch.Tensor:
     h_valid = h_s[valid]
     entropy = h_valid[top_entropy_selection(h_valid, cfg.rho)].mean()
     rows = torch.nonzero(valid)[:, 0]
-    opener, _ = opener_selection(h_valid, rows, cfg.opener_fraction)
+    opener, _ = opener_selection(h_valid, rows, cfg.opener_fraction, *mask.shape)
     s_open, t_open = s[valid][opener], t[valid][opener]
     cand_s, ids = torch.topk(s_open, cfg.top_k, dim=-1)
     indirect = plackett_luce_nll(teacher_ordered(cand_s, t_open.gather(-1, ids))).mean()

@@ -1,67 +1,235 @@
-"""Tokens/s of one on-policy TSD-KD training step, with its phase breakdown, against a plain Hugging Face step doing
-the same work the way the reference code does (HF ``generate`` + full-vocabulary dense loss), in one run.
+"""Tokens/s of one on-policy TSD-KD training step, with its phase breakdown, student MFU and peak memory, against a
+plain Hugging Face step doing the same work the way the reference code does (HF ``generate`` + full-vocabulary dense
+loss), and our step with PyTorch SDPA attention against megatron's local attention, in one run.
 
-    .venv/bin/python benchmarks/step_throughput.py                      # CPU, tiny shapes, world of one
-    .venv/bin/python benchmarks/step_throughput.py --student-hidden 1536 --student-layers 28 \
-        --teacher-hidden 3584 --teacher-layers 28 --vocab 152064 --dtype bf16   # Qwen2.5-1.5B / 7B shapes, one GPU
+    .venv/bin/python benchmarks/step_throughput.py                                   # CPU, tiny shapes
+    python benchmarks/step_throughput.py --shapes qwen2.5-1.5b/7b --dtype bf16       # one GPU, real shapes
+    python benchmarks/step_throughput.py --student-config configs/hf/Qwen2.5-1.5B-Instruct \
+        --teacher-config configs/hf/Qwen2.5-7B-Instruct --dtype bf16                 # any pair of HF configs
+    .venv/bin/python benchmarks/step_throughput.py --student-hidden 256 --student-layers 4 \
+        --teacher-hidden 512 --teacher-layers 6 --vocab 32768                        # hand-made tiny shapes
 
-Both sides start from the same random weights (saved as Hugging Face folders), the same prompts and the same
-sampling settings, and count the same tokens (prompt + generated) per step. The figures are wall-clock seconds per
-step after one warm-up step; the ratio is ours / HF in tokens per second.
+Models: random weights, built with transformers from the HF configs (or the --student-*/--teacher-* shapes) and
+saved as safetensors folders with the demo's character tokenizer (102 tokens). The models keep their real
+vocabulary (151,936 / 152,064 rows for Qwen2.5): rows past the tokenizer are padding that is never sampled nor a
+target, but the logits and the losses still run over every row, at real scale. ``--models-dir DIR`` keeps the
+folders (and the prompts) there and reuses them when they exist; ``--prepare-only`` builds them and stops
+(benchmarks/gpu_check.sh trains on the same folders).
+
+Each measurement runs in its own process (so each has its own peak memory): ours with ``models.attention=sdpa``,
+ours with ``models.attention=local``, and the HF-style step. Both sides start from the same weights, prompts and
+sampling settings. Every figure is a mean over ``--steps`` steps after one warm-up step, timed on the wall clock
+with a device synchronisation around each step. Tokens are the real ones (prompt + generated, no padding); HF's
+``generate`` is forced to ``--new-tokens`` tokens while ours stops a row at its end-of-turn token, so ours counts
+fewer tokens for a batch of the same padded width.
+
+Figures printed (one summary block at the end):
+- tokens/s of each, and ours / HF-style;
+- student forward/backward MFU: model FLOPs 6 * N * T + causal attention 6 * layers * heads * head_dim * sum(s^2),
+  with N the student's matmul parameters (transformer layers + LM head over the padded vocabulary; the embedding
+  lookup does no FLOPs) and T the real tokens, over the trainer's time/student_forward + time/student_backward
+  (CUDA events; the backward phase also holds the loss) and the GPU's peak dense bf16 FLOP/s (table below by device
+  name, or ``TSDKD_PEAK_FLOPS=989e12``); the same on padded tokens, and the teacher forward's MFU;
+- peak GPU memory (torch.cuda.max_memory_allocated / reserved), and the memory planner's predicted peak for the
+  same config (training.memory_plan.plan_memory on inputs_from_config) with measured / predicted;
+- the trainer's per-phase times (time/*) for both attentions and the HF-style step's phases;
+- SDPA vs local: tokens/s and student forward+backward time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+DEMO_TOKENIZER = os.path.join(REPO, "megatron_tsdkd", "assets", "demo", "teacher")
+SHAPES = {  # --shapes NAME: (student, teacher) HF config folders shipped in configs/hf
+    "qwen2.5-1.5b/7b": ("configs/hf/Qwen2.5-1.5B-Instruct", "configs/hf/Qwen2.5-7B-Instruct"),
+    "qwen2.5-7b/14b": ("configs/hf/Qwen2.5-7B-Instruct", "configs/hf/Qwen2.5-14B-Instruct"),
+}
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s by device name; the first entry whose key is in
+# torch.cuda.get_device_name() wins (so the more specific names come first). TSDKD_PEAK_FLOPS overrides.
+PEAK_BF16_FLOPS = (
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12),
+)
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def _model_configs(args):
+    """(student, teacher) transformers configs: from HF config folders, or Qwen2 configs of the tiny shapes."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+    special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    if args.student_config:
+        out = []
+        for path in (args.student_config, args.teacher_config):
+            config = AutoConfig.from_pretrained(os.path.join(REPO, path) if not os.path.isabs(path) else path)
+            for key, value in special.items():  # the demo tokenizer's ids; the vocabulary keeps its real size
+                setattr(config, key, value)
+            if args.layers:  # real widths and vocabulary, fewer layers (a quick check of the layout)
+                config.num_hidden_layers = args.layers
+                if getattr(config, "layer_types", None):
+                    config.layer_types = config.layer_types[:args.layers]
+                if hasattr(config, "max_window_layers"):
+                    config.max_window_layers = min(config.max_window_layers, args.layers)
+            out.append(config)
+        return tok, out
+    out = []   # as in the Qwen2.5-1.5B / 7B pair: the student ties its embeddings, the teacher does not
+    for hidden, layers, tie in ((args.student_hidden, args.student_layers, True),
+                                (args.teacher_hidden, args.teacher_layers, False)):
+        heads = max(hidden // 128, 2)
+        out.append(Qwen2Config(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                               max_position_embeddings=4096, tie_word_embeddings=tie, **special))
+    return tok, out
 
 
 def make_models(args, root: str) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """student/ and teacher/ HF folders with random weights (in ``--dtype``, built on the GPU when there is one),
+    train.jsonl (prompts with worked responses) and eval.jsonl (with answers), unless they exist already."""
     from megatron_tsdkd.data.arithmetic_chains import make_problems
 
-    tok_dir = os.path.join(os.path.dirname(__file__), "..", "megatron_tsdkd", "assets", "demo", "teacher")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    for name, hidden, layers in (("student", args.student_hidden, args.student_layers),
-                                 ("teacher", args.teacher_hidden, args.teacher_layers)):
-        torch.manual_seed(0)
-        heads = max(hidden // 128, 2)
-        config = Qwen2Config(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 3,
-                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-                             max_position_embeddings=4096, tie_word_embeddings=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        Qwen2ForCausalLM(config).save_pretrained(os.path.join(root, name))
-        tok.save_pretrained(os.path.join(root, name))
+    os.makedirs(root, exist_ok=True)
+    problems = make_problems(seed=5, count=max(args.batch * (args.steps + 2) * 2, 64) + args.eval_count)
     with open(os.path.join(root, "train.jsonl"), "w") as f:
-        for p in make_problems(seed=5, count=max(args.batch * 4, 64)):
+        for p in problems[args.eval_count:]:
             f.write(json.dumps({"prompt": p.prompt, "response": p.solution}) + "\n")
+    with open(os.path.join(root, "eval.jsonl"), "w") as f:
+        for p in problems[:args.eval_count]:
+            f.write(json.dumps({"prompt": p.prompt, "response": p.solution, "answer": str(p.answer)}) + "\n")
+    if all(os.path.isfile(os.path.join(root, name, "config.json")) for name in ("student", "teacher")):
+        return
+    from transformers import AutoModelForCausalLM
+
+    tok, configs = _model_configs(args)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, config in zip(("student", "teacher"), configs):
+        folder = os.path.join(root, name)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            continue
+        torch.manual_seed(0 if name == "student" else 1)
+        start = time.perf_counter()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)   # initialise in the target dtype, on the device: a 7B model in seconds
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config)
+        finally:
+            torch.set_default_dtype(default)
+        model.save_pretrained(folder, max_shard_size="4GB")
+        tok.save_pretrained(folder)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        print(f"made random {name}: {_count(params)} parameters, {config.num_hidden_layers} layers, hidden "
+              f"{config.hidden_size}, vocab {config.vocab_size}, {args.dtype}, in {time.perf_counter() - start:.1f} s"
+              f" -> {folder}", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
-def ours(args, root: str) -> dict:
-    from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import Trainer
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements (each in its own process: --run ours|hf --json FILE)
 
-    cfg = load_config(None, [
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory_start() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    torch.cuda.reset_peak_memory_stats()
+    return {"context_bytes": total - free, "device_total_bytes": total}
+
+
+def _memory_end(start: dict) -> dict:
+    out = dict(start, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(), device_used_end_bytes=total - free,
+                   device_name=torch.cuda.get_device_name())
+    return out
+
+
+def _spec_dict(spec) -> dict:
+    return {k: getattr(spec, k) for k in ("num_layers", "hidden_size", "num_heads", "num_query_groups", "head_dim",
+                                          "ffn_hidden_size", "vocab_size", "tie_embeddings")}
+
+
+def train_overrides(args, root: str) -> list[str]:
+    """The config overrides of our measured step (also what gpu_check.sh's training run shares)."""
+    return [
         f"models.student.path={root}/student", f"models.teacher.path={root}/teacher", f"data.train={root}/train.jsonl",
-        f"batch.global_size={args.batch}", f"batch.micro_size={args.batch}", f"precision.dtype={args.dtype}",
-        f"rollout.max_new_tokens={args.new_tokens}", "rollout.on_policy_prob=1", f"schedule.max_steps={args.steps + 1}",
-        f"checkpoint.dir={root}/ck", "checkpoint.resume=none", "logging.progress_bar=false", f"logging.dir={root}/tb",
-        "data.max_length=256", "data.max_prompt_length=64", "memory.enforce=false"])
-    trainer = Trainer(cfg)
+        "method.name=tsdkd", f"batch.global_size={args.batch}", f"batch.micro_size={args.micro or args.batch}",
+        f"precision.dtype={args.dtype}", f"rollout.max_new_tokens={args.new_tokens}", "rollout.on_policy_prob=1",
+        f"schedule.max_steps={args.steps + 1}", f"checkpoint.dir={root}/ck", "checkpoint.resume=none",
+        "logging.progress_bar=false", f"logging.dir={root}/tb", f"data.max_length={args.prompt_length + args.new_tokens}",
+        f"data.max_prompt_length={args.prompt_length}", "memory.enforce=false"]
+
+
+def ours(args, root: str, attention: str) -> dict:
+    """Our trainer's step: warm-up, then ``--steps`` steps; the trainer's time/* metrics, the real and padded
+    token counts, the row lengths (for attention FLOPs), peak memory and the planner's prediction."""
+    import megatron_tsdkd.training.trainer as trainer_module
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.models.attention import resolve_attention_backend
+    from megatron_tsdkd.training.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
+    from megatron_tsdkd.training.trainer import build_trainer
+
+    memory = _memory_start()
+    cfg = load_config(None, train_overrides(args, root) + [f"models.attention={attention}"])
+    shapes = []
+    collate = trainer_module.micro_batches
+
+    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None):
+        batches, length = collate(pairs, micro_size, pad_id, max_length, device)
+        shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
+        return batches, length
+
+    trainer_module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
+    trainer = build_trainer(cfg)
+    plan = trainer.parts.memory_plan
     trainer.train_step()  # warm-up
-    results = [trainer.train_step().metrics for _ in range(args.steps)]
-    keys = [k for k in results[0] if k.startswith("time/")] + ["throughput/tokens_per_s"]
-    return {k: sum(r[k] for r in results) / len(results) for k in keys}
+    _sync()
+    steps = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        metrics = trainer.train_step().metrics
+        _sync()
+        steps.append({"wall": time.perf_counter() - start, "metrics": metrics,
+                      "rows": shapes[-1][0], "padded_length": shapes[-1][1]})
+    inputs = trainer.parts.inputs
+    return {
+        "attention": resolve_attention_backend(attention), "steps": steps,
+        "student": _spec_dict(inputs.student.arch),
+        "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
+        "padded_vocab": trainer.tokens.padded_vocab_size, "tokenizer_vocab": trainer.tokens.vocab_size,
+        "plan_peak_bytes": max(plan.peaks), "plan_reserve_bytes": RUNTIME_RESERVE,
+        "plan_capacity_gib": plan.capacity / PLAN_GIB, "plan_layout": plan.layout_line(),
+        **_memory_end(memory),
+    }
 
 
 def hf_reference(args, root: str) -> dict:
@@ -69,20 +237,22 @@ def hf_reference(args, root: str) -> dict:
     TSD-KD loss (benchmarks/loss_memory.py's transcription), AdamW step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loss_memory import dense_tsdkd
     from megatron_tsdkd.data import load_chat_dataset
     from megatron_tsdkd.losses import TSDKDLossConfig
-    from loss_memory import dense_tsdkd
 
+    memory = _memory_start()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     student = AutoModelForCausalLM.from_pretrained(f"{root}/student", dtype=dtype).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(f"{root}/teacher", dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(f"{root}/student")
-    examples = load_chat_dataset(f"{root}/train.jsonl", tok, mode="on_policy", max_length=256,
-                                 max_prompt_length=64).examples
+    examples = load_chat_dataset(f"{root}/train.jsonl", tok, mode="on_policy",
+                                 max_length=args.prompt_length + args.new_tokens,
+                                 max_prompt_length=args.prompt_length).examples
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     cfg = TSDKDLossConfig()
-    times = []
+    steps = []
     for step in range(args.steps + 1):
         batch = examples[step * args.batch:(step + 1) * args.batch]
         width = max(len(e.prompt_ids) for e in batch)
@@ -92,54 +262,262 @@ def hf_reference(args, root: str) -> dict:
             ids[i, width - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
             attn[i, width - len(e.prompt_ids):] = 1
         ids, attn = ids.to(device), attn.to(device)
-        start = time.perf_counter()
+        _sync()
+        marks = [time.perf_counter()]
         with torch.no_grad():
-            out = student.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0,
+            out = student.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                    pad_token_id=tok.pad_token_id)
+        _sync()
+        marks.append(time.perf_counter())
         full_attn = torch.cat([attn, torch.ones_like(out[:, width:])], dim=1)
         mask = torch.zeros(out.shape, dtype=torch.float32, device=device)
         mask[:, width - 1:-1] = 1.0
         with torch.no_grad():
             t_logits = teacher(input_ids=out, attention_mask=full_attn).logits
+        _sync()
+        marks.append(time.perf_counter())
         s_logits = student(input_ids=out, attention_mask=full_attn).logits
-        n = mask.sum().long()
         rows = mask.flatten().bool()
+        n = int(rows.sum())
         loss = dense_tsdkd(s_logits.flatten(0, 1)[rows].unsqueeze(0), t_logits.flatten(0, 1)[rows].unsqueeze(0),
-                           torch.ones(1, int(n), device=device), cfg)
+                           torch.ones(1, n, device=device), cfg)
         loss.backward()
+        _sync()
+        marks.append(time.perf_counter())
         optimizer.step()
         optimizer.zero_grad()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step:
-            times.append((time.perf_counter() - start, out.numel()))
-    seconds = sum(t for t, _ in times) / len(times)
-    return {"time/step": seconds, "throughput/tokens_per_s": sum(n for _, n in times) / sum(t for t, _ in times)}
+        _sync()
+        marks.append(time.perf_counter())
+        del t_logits, s_logits, loss
+        if step:  # real tokens: prompts + the forced new tokens (left padding not counted)
+            tokens = int(attn.sum()) + out.shape[0] * (out.shape[1] - width)
+            phases = dict(zip(("generate", "teacher_forward", "student_forward_loss_backward", "optimizer"),
+                              (b - a for a, b in zip(marks, marks[1:]))))
+            steps.append({"wall": marks[-1] - marks[0], "tokens": tokens, "phases": phases})
+    return {"steps": steps, **_memory_end(memory)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def matmul_parameters(spec: dict, vocab: int) -> int:
+    """Parameters that take part in a matmul per token: every layer's projections and the LM head."""
+    h, d = spec["hidden_size"], spec["head_dim"]
+    layer = h * (spec["num_heads"] + 2 * spec["num_query_groups"]) * d + spec["num_heads"] * d * h
+    layer += 3 * h * spec["ffn_hidden_size"]
+    return spec["num_layers"] * layer + h * vocab
+
+
+def model_flops(spec: dict, vocab: int, rows: list[int], passes: int) -> float:
+    """FLOPs of ``passes`` (1: forward, 3: forward + backward) over sequences of lengths ``rows``: 2 * N per token
+    per pass, plus causal attention (QK^T and PV, half the s x s square) 2 * layers * heads * head_dim * s^2."""
+    n = matmul_parameters(spec, vocab)
+    attention = 2 * spec["num_layers"] * spec["num_heads"] * spec["head_dim"] * sum(s * s for s in rows)
+    return passes * (2 * n * sum(rows) + attention)
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    env = os.environ.get("TSDKD_PEAK_FLOPS")
+    if env:
+        return float(env), "TSDKD_PEAK_FLOPS"
+    for key, value in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return value, f"{key} table"
+    return None, "unknown device"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+PHASE_ORDER = ("time/rollout", "time/teacher_forward", "time/student_forward", "time/student_backward",
+               "time/optimizer", "time/step")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+def summarise(args, runs: dict) -> list[str]:
+    lines = []
+    on_gpu = torch.cuda.is_available()
+    first = next(iter(r for k, r in runs.items() if k != "hf"))
+    device_name = first.get("device_name", "CPU")
+    student, teacher, vocab = first["student"], first["teacher"], first["padded_vocab"]
+    lines.append(f"==== step throughput: {args.shape_label}, {device_name}, {args.dtype}, batch {args.batch} "
+                 f"(micro {args.micro or args.batch}), prompt <= {args.prompt_length} + {args.new_tokens} new tokens, "
+                 f"{args.steps} steps after 1 warm-up ====")
+    lines.append(f"student: {_count(matmul_parameters(student, vocab))} matmul parameters, "
+                 f"{student['num_layers']} layers, hidden {student['hidden_size']}; teacher: "
+                 f"{_count(matmul_parameters(teacher, vocab))}, {teacher['num_layers']} layers, hidden "
+                 f"{teacher['hidden_size']}; padded vocabulary {vocab} (tokenizer {first['tokenizer_vocab']})")
+    figures = {}
+    for name, run in runs.items():
+        if name == "hf":
+            tokens = sum(s["tokens"] for s in run["steps"])
+            figures[name] = {"tps": tokens / sum(s["wall"] for s in run["steps"])}
+            continue
+        steps = run["steps"]
+        real = sum(sum(s["rows"]) for s in steps)
+        padded_rows = [[s["padded_length"]] * len(s["rows"]) for s in steps]
+        student_time = sum(s["metrics"]["time/student_forward"] + s["metrics"]["time/student_backward"] for s in steps)
+        teacher_time = sum(s["metrics"]["time/teacher_forward"] for s in steps)
+        figures[name] = {
+            "tps": real / sum(s["wall"] for s in steps),
+            "student_time": student_time / len(steps),
+            "student_flops_real": sum(model_flops(student, vocab, s["rows"], 3) for s in steps) / student_time,
+            "student_flops_padded": sum(model_flops(student, vocab, r, 3) for r in padded_rows) / student_time,
+            "teacher_flops": sum(model_flops(teacher, vocab, r, 1) for r in padded_rows) / max(teacher_time, 1e-12),
+            "phases": {k: _mean(s["metrics"][k] for s in steps)
+                       for k in sorted((k for k in steps[0]["metrics"] if k.startswith("time/")),
+                                       key=lambda k: (PHASE_ORDER + (k,)).index(k))},
+            "wall": _mean(s["wall"] for s in steps),
+            "response": _mean(s["metrics"]["rollout/response_length"] for s in steps),
+        }
+    ours_names = [n for n in runs if n != "hf"]
+    main = ours_names[0]
+    tps = ", ".join(f"ours ({n}) {figures[n]['tps']:.1f}" for n in ours_names)
+    if "hf" in figures:
+        ratio = figures[main]["tps"] / figures["hf"]["tps"]
+        lines.append(f"tokens/s: {tps}, HF-style {figures['hf']['tps']:.1f}; ours ({main}) / HF-style "
+                     f"{ratio:.2f}x (target >= 5x)")
+    else:
+        lines.append(f"tokens/s: {tps}")
+    peak, source = peak_flops(device_name) if on_gpu else (None, "CPU")
+    parts = []
+    for n in ours_names:
+        f = figures[n]
+        if peak:
+            parts.append(f"{n} {100 * f['student_flops_real'] / peak:.1f}% (padded tokens "
+                         f"{100 * f['student_flops_padded'] / peak:.1f}%)")
+        else:
+            parts.append(f"{n} {f['student_flops_real'] / 1e9:.2f} GFLOP/s")
+    if peak:
+        lines.append(f"student fwd/bwd MFU: {', '.join(parts)} of {peak / 1e12:.0f} TFLOP/s bf16 peak ({source}); "
+                     f"target >= 40%")
+        lines.append("teacher forward MFU: " + ", ".join(
+            f"{n} {100 * figures[n]['teacher_flops'] / peak:.1f}%" for n in ours_names))
+    else:
+        lines.append(f"student fwd/bwd MFU: n/a ({source}: no peak FLOP/s; set TSDKD_PEAK_FLOPS); achieved "
+                     f"{', '.join(parts)}")
+    for n in ours_names:
+        run = runs[n]
+        plan = run["plan_peak_bytes"]
+        if on_gpu:
+            alloc, reserved, context = run["peak_allocated_bytes"], run["peak_reserved_bytes"], run["context_bytes"]
+            lines.append(f"peak GPU memory ({n}): {alloc / GIB:.2f} GiB allocated, {reserved / GIB:.2f} GiB reserved, "
+                         f"{context / GIB:.2f} GiB CUDA context; device in use at the end "
+                         f"{run['device_used_end_bytes'] / GIB:.2f} of {run['device_total_bytes'] / GIB:.0f} GiB")
+            lines.append(f"planner peak ({n}): {plan / GIB:.2f} GiB predicted (incl. {run['plan_reserve_bytes'] / GIB:.0f}"
+                         f" GiB runtime reserve); measured/predicted {(reserved + context) / plan:.2f} (reserved + "
+                         f"context), allocated/(predicted - reserve) "
+                         f"{alloc / max(plan - run['plan_reserve_bytes'], 1):.2f} (target 0.85-1.15)")
+        else:
+            lines.append(f"peak GPU memory ({n}): n/a on CPU (peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB)")
+            lines.append(f"planner peak ({n}): {plan / GIB:.2f} GiB predicted for a GPU; measured/predicted n/a on CPU")
+    if "hf" in runs and on_gpu:
+        hf = runs["hf"]
+        lines.append(f"peak GPU memory (HF-style): {hf['peak_allocated_bytes'] / GIB:.2f} GiB allocated")
+    for n in ours_names:
+        f = figures[n]
+        lines.append(f"phase seconds (ours, {n}): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in f["phases"].items())
+                     + f", wall {f['wall']:.3f} (mean response {f['response']:.1f} tokens)")
+    if "hf" in runs:
+        hf_steps = runs["hf"]["steps"]
+        lines.append("phase seconds (HF-style): " + ", ".join(
+            f"{k} {_mean(s['phases'][k] for s in hf_steps):.3f}" for k in hf_steps[0]["phases"])
+            + f", step {_mean(s['wall'] for s in hf_steps):.3f}")
+    if "sdpa" in figures and "local" in figures:
+        s, l = figures["sdpa"], figures["local"]
+        lines.append(f"ratio SDPA vs local attention: tokens/s {s['tps'] / l['tps']:.2f}x, student fwd+bwd time "
+                     f"{l['student_time'] / s['student_time']:.2f}x faster (sdpa {s['student_time']:.3f} s, local "
+                     f"{l['student_time']:.3f} s)")
+    return lines
+
+
+def _child(args, what: str, attention: str, root: str, out: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--run", what, "--attention", attention, "--json", out,
+            "--models-dir", root] + args.passthrough
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, timeout=args.child_timeout)
+    with open(out) as f:
+        result = json.load(f)
+    print(f"[step_throughput] {what}{'' if what == 'hf' else ' ' + attention} done in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    return result
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", choices=sorted(SHAPES) + ["tiny"], default="tiny",
+                   help="model shapes: a pair of shipped HF configs, or the --student-*/--teacher-* tiny shapes")
+    p.add_argument("--student-config", help="HF config folder (or config.json) of the student; with --teacher-config")
+    p.add_argument("--teacher-config")
+    p.add_argument("--layers", type=int, default=0, help="with HF configs: keep only this many layers (0: all)")
     p.add_argument("--student-hidden", type=int, default=256)
     p.add_argument("--student-layers", type=int, default=4)
     p.add_argument("--teacher-hidden", type=int, default=512)
     p.add_argument("--teacher-layers", type=int, default=6)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--micro", type=int, default=0, help="sequences per micro-batch (default: --batch)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--prompt-length", type=int, default=64, help="data.max_prompt_length")
+    p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--attentions", default="sdpa,local", help="our runs to compare, comma-separated")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF-style reference step")
+    p.add_argument("--eval-count", type=int, default=16, help="problems in the eval.jsonl written with the models")
+    p.add_argument("--models-dir", default="", help="keep (and reuse) the models and data here")
+    p.add_argument("--prepare-only", action="store_true", help="build the models and data, then stop")
+    p.add_argument("--child-timeout", type=float, default=600)
+    p.add_argument("--run", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--attention", default="sdpa", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    root = tempfile.mkdtemp(prefix="tsdkd_bench_")
+    if args.shapes != "tiny" and not args.student_config:
+        args.student_config, args.teacher_config = SHAPES[args.shapes]
+    if bool(args.student_config) != bool(args.teacher_config):
+        p.error("--student-config and --teacher-config go together")
+    args.shape_label = (f"{args.shapes}" + (f" ({args.layers} layers)" if args.layers else "") if args.shapes != "tiny" else
+                        f"{os.path.basename(os.path.normpath(args.student_config))} / "
+                        f"{os.path.basename(os.path.normpath(args.teacher_config))}" if args.student_config else
+                        f"tiny (student {args.student_hidden}x{args.student_layers}, teacher "
+                        f"{args.teacher_hidden}x{args.teacher_layers}, vocab {args.vocab})")
+
+    if args.run:  # a child: one measurement, written as JSON
+        result = ours(args, args.models_dir, args.attention) if args.run == "ours" else hf_reference(args, args.models_dir)
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+        return
+
+    import tempfile
+
+    root = args.models_dir or tempfile.mkdtemp(prefix="tsdkd_bench_")
     make_models(args, root)
-    ours_figures = ours(args, root)
-    hf_figures = hf_reference(args, root)
-    print(json.dumps({"ours": ours_figures, "hf_reference": hf_figures}, indent=1))
-    ratio = ours_figures["throughput/tokens_per_s"] / hf_figures["throughput/tokens_per_s"]
-    print(f"tokens/s: ours {ours_figures['throughput/tokens_per_s']:.1f}, HF-style "
-          f"{hf_figures['throughput/tokens_per_s']:.1f}, ratio {ratio:.2f}x")
-    print("phase seconds (ours): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ours_figures.items()
-                                              if k.startswith("time/")))
+    if args.prepare_only:
+        return
+    # the children get the same shape/size options (minus the orchestration ones)
+    skip = {"--models-dir", "--prepare-only", "--attentions", "--no-hf", "--child-timeout"}
+    args.passthrough, it = [], iter(sys.argv[1:] if argv is None else argv)
+    for item in it:
+        key = item.split("=", 1)[0]
+        if key in skip:
+            if "=" not in item and key not in ("--prepare-only", "--no-hf"):
+                next(it, None)
+            continue
+        args.passthrough.append(item)
+    runs = {}
+    for attention in [a.strip() for a in args.attentions.split(",") if a.strip()]:
+        runs[attention] = _child(args, "ours", attention, root, os.path.join(root, f"ours_{attention}.json"))
+    if not args.no_hf:
+        runs["hf"] = _child(args, "hf", "", root, os.path.join(root, "hf.json"))
+    with open(os.path.join(root, "step_throughput.json"), "w") as f:
+        json.dump(runs, f, indent=1)
+    print("\n".join(summarise(args, runs)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,60 +1,39 @@
-"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan (also `python -m megatron_tsdkd.cli X`)."""
+"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan (also ``python -m megatron_tsdkd.cli X``).
+Each program lives in megatron_tsdkd/commands/; this module only dispatches."""
 from __future__ import annotations
 
-import argparse
-import logging
+import importlib
 import sys
 
-from megatron_tsdkd.config import ConfigError, load_config
+COMMANDS = {"train": "train", "eval": "eval", "convert": "convert", "plan": "plan", "teacher-data": "teacher_data"}
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _run(command: str, argv=None) -> None:
+    importlib.import_module(f"megatron_tsdkd.commands.{COMMANDS[command]}").main(argv)
 
 
 def train_main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="tsdkd-train", description="Distil a teacher into a student (TSD-KD and baselines).")
-    parser.add_argument("--config", required=True, help="YAML file under configs/")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.beta=0.5 parallel.tensor=2")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        _fail(str(error))
-    from megatron_tsdkd.training.setup import PreflightError, prepare
-    try:
-        setup = prepare(cfg)
-    except PreflightError as error:
-        _fail(str(error))
-    from megatron_tsdkd.training.job import run_job
-    run_job(cfg, setup)
+    _run("train", argv)
 
 
 def eval_main(argv=None) -> None:
-    from megatron_tsdkd.eval.cli import main
-    main(argv)
+    _run("eval", argv)
 
 
 def convert_main(argv=None) -> None:
-    from megatron_tsdkd.models.convert import main
-    main(argv)
+    _run("convert", argv)
 
 
 def plan_main(argv=None) -> None:
-    from megatron_tsdkd.training.memory_plan import main
-    main(argv)
-
-
-COMMANDS = {"train": train_main, "eval": eval_main, "convert": convert_main, "plan": plan_main}
+    _run("plan", argv)
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        _fail(f"usage: python -m megatron_tsdkd.cli {{{','.join(COMMANDS)}}} ...")
-    COMMANDS[argv[0]](argv[1:])
+        print(f"error: usage: python -m megatron_tsdkd.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        raise SystemExit(2)
+    _run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
+
+from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.methods import METHODS, DEFAULT_METHOD, MethodConfig, method_class, setting_names
+from megatron_tsdkd.models.attention import ATTENTION_BACKENDS
+from megatron_tsdkd.models.builder import RECOMPUTE_MODES
+from megatron_tsdkd.models.dtypes import DTYPE_NAMES
+
+log = logging.getLogger("megatron_tsdkd.config")
 
 
 class ConfigError(ValueError):
@@ -21,8 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""                      # Hugging Face folder, or a megatron checkpoint folder (format: mcore)
-    format: Literal["hf", "mcore"] = "hf"
+    path: str = ""                      # HF folder | megatron checkpoint | training run folder (its `latest`)
+    format: Literal["auto", "hf", "mcore"] = "auto"   # auto: an HF folder has config.json
 
 
 @dataclass
@@ -30,6 +39,8 @@ class ModelsConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: str = ""                 # default: the student's folder
+    attention: Literal[ATTENTION_BACKENDS] = "auto"   # auto: Transformer Engine if importable, else SDPA on GPU, local on CPU
+    recompute: Literal[RECOMPUTE_MODES] = "none"      # student activation recompute (the teacher keeps no activations)
 
 
 @dataclass
@@ -47,35 +58,17 @@ class DataConfig:
     shuffle: bool = True
 
 
-@dataclass
-class MethodConfig:
-    name: Literal["sft", "kd", "gkd", "distillm", "tsdkd"] = "tsdkd"
-    beta: float = 0.9                   # generalized JSD interpolation (0 = forward KL, 1 = reverse KL)
-    temperature: float = 1.0            # distillation temperature
-    tau: float = 1.0                    # entropy-gate temperature
-    gamma_em: float = 1.0               # entropy-regularisation weight
-    rho: float = 0.1                    # top fraction of positions by student entropy
-    alpha: float = 0.1                  # indirect (Plackett-Luce) weight
-    opener_fraction: float = 0.1        # c: cumulative entropy fraction that ends the opener
-    top_k: int = 10                     # candidates re-ranked by the teacher
-    use_gate: bool = True
-    use_entropy: bool = True
-    use_indirect: bool = True
-    reference_compat: bool = False      # reproduce the released reference code instead of the paper
-    skew_alpha: float = 0.1             # DistiLLM skew
-    distillm_divergence: Literal["skew_kl", "skew_rkl"] = "skew_kl"
-    chunk_size: int = 1024              # tokens per chunk in the vocab-parallel losses
+@dataclass(frozen=True)
+class RolloutConfig(SamplingConfig):
+    """How the student samples on-policy responses (generation's SamplingConfig) and how often (lambda)."""
 
+    on_policy_prob: Optional[float] = None   # lambda; unset: 1.0 for methods that train on-policy, else 0.0
 
-@dataclass
-class RolloutConfig:
-    on_policy_prob: float = 1.0         # lambda: probability that a step's responses are sampled by the student
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                      # 0 = off
-    greedy: bool = False
-    max_new_tokens: int = 128
-    num_samples: int = 1                # responses per prompt
+    def __post_init__(self):
+        super().__post_init__()
+        p = self.on_policy_prob
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise ValueError(f"on_policy_prob: must lie in [0, 1], got {p!r}")
 
 
 @dataclass
@@ -106,7 +99,7 @@ class BatchConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Literal[DTYPE_NAMES] = "bf16"
 
 
 @dataclass
@@ -116,6 +109,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"                # auto | none | a checkpoint folder
     export_hf: str = ""                 # write the final student as a Hugging Face folder here
+    allow_config_changes: bool = False  # resume although keys that decide the numbers changed (the new values win)
 
 
 @dataclass
@@ -137,7 +131,7 @@ class TrainConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: method_class(DEFAULT_METHOD).Config())
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -205,11 +199,36 @@ def _build(cls, data, prefix: str = ""):
         if name not in data:
             continue
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if hint is MethodConfig:
+            kwargs[name] = _build_method(data[name], f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, data[name], f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", data[name], hint)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # a section's own checks (checks.require): "<field>: <requirement>, got <value>"
+        raise ConfigError(f"{prefix}{error}") from None
+
+
+def _build_method(data, prefix: str):
+    """The ``method:`` section as the typed config of the method it names (the registry says which type).
+    Settings of other registered methods are ignored with a warning, so switching ``method.name`` on a config
+    written for another method works; a key no method knows is an error."""
+    data = dict(data or {}) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {data!r}")
+    name = data.setdefault("name", DEFAULT_METHOD)
+    try:
+        config_type = method_class(name).Config
+    except ValueError as error:
+        raise ConfigError(f"{prefix}{error}") from None
+    own = setting_names(config_type)
+    others = {key for cls in METHODS.values() for key in setting_names(cls.Config)}
+    ignored = sorted(k for k in data if k not in own and k in others)
+    if ignored:
+        log.warning("%s ignored: not settings of method %s", ", ".join(prefix + k for k in ignored), name)
+    return _build(config_type, {k: v for k, v in data.items() if k not in ignored}, prefix)
 
 
 def _parse_override(text: str) -> tuple[list[str], object]:
@@ -230,36 +249,40 @@ def _merge(tree: dict, path: list[str], value) -> None:
 
 
 def _check(cfg: TrainConfig) -> None:
+    """Rules across sections, and ranges of the sections that have no checks of their own."""
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {message}")
 
-    m, r, b = cfg.method, cfg.rollout, cfg.batch
-    for key, value in [("method.beta", m.beta), ("method.rho", m.rho), ("method.opener_fraction", m.opener_fraction),
-                       ("method.skew_alpha", m.skew_alpha), ("rollout.on_policy_prob", r.on_policy_prob),
-                       ("rollout.top_p", r.top_p), ("schedule.warmup_fraction", cfg.schedule.warmup_fraction)]:
-        need(0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value}")
-    for key, value in [("method.temperature", m.temperature), ("method.tau", m.tau),
-                       ("optimizer.lr", cfg.optimizer.lr)]:
-        need(value > 0, key, f"must be positive, got {value}")
-    need(r.temperature > 0 or r.greedy, "rollout.temperature", f"must be positive (or set rollout.greedy), got {r.temperature}")
-    for key, value in [("method.top_k", m.top_k), ("method.chunk_size", m.chunk_size), ("parallel.tensor", cfg.parallel.tensor),
-                       ("parallel.pipeline", cfg.parallel.pipeline), ("batch.global_size", b.global_size),
-                       ("batch.micro_size", b.micro_size), ("rollout.max_new_tokens", r.max_new_tokens),
-                       ("rollout.num_samples", r.num_samples), ("data.max_length", cfg.data.max_length),
-                       ("data.max_prompt_length", cfg.data.max_prompt_length)]:
-        need(value >= 1, key, f"must be at least 1, got {value}")
-    need(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    method, b = method_class(cfg.method.name), cfg.batch
+    need(0.0 <= cfg.schedule.warmup_fraction <= 1.0, "schedule.warmup_fraction",
+         f"must lie in [0, 1], got {cfg.schedule.warmup_fraction}")
+    need(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    for key, value in [("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
+                       ("batch.global_size", b.global_size), ("batch.micro_size", b.micro_size),
+                       ("data.max_length", cfg.data.max_length), ("data.max_prompt_length", cfg.data.max_prompt_length)]:
+        need(value >= 1, key, f"must be >= 1, got {value}")
     need(cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
          f"must be below data.max_length ({cfg.data.max_length}), got {cfg.data.max_prompt_length}")
     need(b.global_size % b.micro_size == 0, "batch.global_size",
          f"{b.global_size} is not a multiple of batch.micro_size ({b.micro_size})")
+    need(b.global_size % cfg.rollout.num_samples == 0, "rollout.num_samples",
+         f"must divide batch.global_size ({b.global_size}), got {cfg.rollout.num_samples}")
     need(bool(cfg.models.student.path), "models.student.path", "is required")
-    need(m.name == "sft" or bool(cfg.models.teacher.path), "models.teacher.path",
-         f"is required for method {m.name}")
+    need(not method.needs_teacher or bool(cfg.models.teacher.path), "models.teacher.path",
+         f"is required for method {method.name}")
     need(bool(cfg.data.train), "data.train", "is required")
-    need(m.name not in ("sft", "kd") or r.on_policy_prob == 0.0, "rollout.on_policy_prob",
-         f"method {m.name} trains on the data set's responses; set it to 0 (got {r.on_policy_prob})")
+    need(method.on_policy or not cfg.rollout.on_policy_prob, "rollout.on_policy_prob",
+         f"method {method.name} trains on the data set's responses only; set it to 0 or leave it unset "
+         f"(got {cfg.rollout.on_policy_prob})")
+
+
+def _resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Defaults that depend on other keys: lambda follows the method unless the user set it."""
+    if cfg.rollout.on_policy_prob is None:
+        lam = method_class(cfg.method.name).default_on_policy_prob()
+        cfg.rollout = dataclasses.replace(cfg.rollout, on_policy_prob=lam)
+    return cfg
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
@@ -285,6 +308,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     try:
         cfg = _build(TrainConfig, tree)
         _check(cfg)
+        _resolve_defaults(cfg)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return cfg

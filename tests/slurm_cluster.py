@@ -8,6 +8,11 @@ rendezvous resolves them, and removed again at teardown.
 Use from pytest (``LocalSlurmCluster(workdir, nodes=2)`` as a context manager) or by hand:
     python tests/slurm_cluster.py up /tmp/slurm    # prints the SLURM_CONF to export
     python tests/slurm_cluster.py down /tmp/slurm
+
+Nothing here sleeps for a fixed time: every wait polls a state (a node idle, a job in a state, a PID gone) up to a
+deadline, and every deadline is multiplied by ``time_factor()``: ``TSDKD_TEST_TIME_FACTOR`` (default 1) times the
+machine's load per core (1-minute load average over the CPU count, counted from 1 to at most 4), so a busy machine
+gets more time and a stuck daemon still fails in bounded time.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Optional
 
 PACKAGES = {"sbatch": "slurm-wlm", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge",
@@ -29,6 +35,51 @@ HOSTS_FILE = "/etc/hosts"
 HOSTS_MARK = "# tsdkd-test-slurm"
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_RUN = "/run/munge"
+TIME_FACTOR_ENV = "TSDKD_TEST_TIME_FACTOR"
+MAX_LOAD_FACTOR = 4.0
+
+
+def time_factor() -> float:
+    """How much longer than on an idle machine to wait (see the module doc)."""
+    raw = os.environ.get(TIME_FACTOR_ENV, "1")
+    try:
+        base = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIME_FACTOR_ENV} must be a number, got {raw!r}") from None
+    if base <= 0:
+        raise ValueError(f"{TIME_FACTOR_ENV} must be > 0, got {raw!r}")
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = 1.0
+    return base * min(MAX_LOAD_FACTOR, max(1.0, load))
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` on an idle machine, as a deadline here and now."""
+    return seconds * time_factor()
+
+
+def poll_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """``predicate()``'s first truthy value, polled every ``interval`` s for up to ``scaled(timeout)`` s; else
+    TimeoutError naming ``what``."""
+    limit = scaled(timeout)
+    deadline = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {limit:.0f} s ({timeout:.0f} s x time factor) waiting for {what}")
+        time.sleep(interval)
+
+
+def slurm_time(value: str) -> Optional[float]:
+    """Seconds since the epoch of a Slurm timestamp (``2026-12-02T06:21:39``, local time); None if not a time."""
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 class SlurmUnavailable(RuntimeError):
@@ -104,10 +155,10 @@ def _stop_pid_file(path: str, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _pid_alive(pid):
+    try:
+        poll_until(lambda: not _pid_alive(pid), timeout, f"{os.path.basename(path)}'s PID {pid} to exit",
+                   interval=0.1)
+    except TimeoutError:
         os.kill(pid, signal.SIGKILL)
 
 
@@ -128,7 +179,7 @@ class LocalSlurmCluster:
         return dict(os.environ, SLURM_CONF=self.conf_path, PATH=path)
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=scaled(timeout))
         if check and done.returncode:
             raise RuntimeError(f"`{' '.join(argv)}` exited {done.returncode}: {done.stderr.strip()}")
         return done
@@ -170,11 +221,11 @@ class LocalSlurmCluster:
             raise SlurmStartError(f"munged did not start ({done.returncode}): {done.stderr.strip()} "
                                    f"{self._tail(log)}")
         self._started_munged = True
-        deadline = time.monotonic() + 10
-        while not self._munge_works():
-            if time.monotonic() > deadline:
-                raise SlurmStartError(f"munged started but `munge -n | unmunge` fails; {self._tail(log)}")
-            time.sleep(0.2)
+        try:
+            poll_until(self._munge_works, 10, "munged to answer `munge -n | unmunge`")
+        except TimeoutError as error:
+            raise SlurmStartError(f"munged started but `munge -n | unmunge` fails ({error}); {self._tail(log)}") \
+                from None
 
     @staticmethod
     def _munge_works() -> bool:
@@ -218,7 +269,8 @@ class LocalSlurmCluster:
             f"SlurmctldLogFile={w}/slurmctld.log", f"SlurmdLogFile={w}/slurmd.%n.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SchedulerType=sched/backfill",
-            "SchedulerParameters=sched_min_interval=0",  # start a submitted job at once, not up to 2 s later "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "SchedulerParameters=sched_min_interval=0",  # start a submitted job at once, not up to 2 s later
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none", "MpiDefault=none",
             "ReturnToService=2",
@@ -239,18 +291,25 @@ class LocalSlurmCluster:
             log = os.path.join(self.workdir, f"{name}.log")
             raise SlurmStartError(f"{name} did not start ({done.returncode}): {done.stderr.strip()} {self._tail(log)}")
 
+    def node_states(self) -> dict[str, str]:
+        """Node name -> state as sinfo prints it (``idle``, ``mixed``, ``completing``...; ``*`` = not responding)."""
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+        return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+
     def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         states = {}
-        while time.monotonic() < deadline:
-            out = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
-            states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-            if all(states.get(n, "").rstrip("*") == "idle" for n in self.node_names):
-                return
-            time.sleep(0.5)
-        logs = " ".join(self._tail(os.path.join(self.workdir, f"{n}.log"))
-                        for n in ["slurmctld", *[f"slurmd.{x}" for x in self.node_names]])
-        raise SlurmStartError(f"nodes not idle after {timeout:.0f} s: {states}; {logs}")
+
+        def idle() -> bool:
+            nonlocal states
+            states = self.node_states()
+            return all(states.get(n, "").rstrip("*") == "idle" for n in self.node_names)
+
+        try:
+            poll_until(idle, timeout, "every node to be idle", interval=0.5)
+        except TimeoutError as error:
+            logs = " ".join(self._tail(os.path.join(self.workdir, f"{n}.log"))
+                            for n in ["slurmctld", *[f"slurmd.{x}" for x in self.node_names]])
+            raise SlurmStartError(f"{error}: {states}; {logs}") from None
 
     @staticmethod
     def _tail(path: str, chars: int = 800) -> str:
@@ -267,7 +326,7 @@ class LocalSlurmCluster:
         argv = [which("sbatch") or "sbatch", "--parsable", *(["--wait"] if wait else []), *options, script,
                 *script_args]
         done = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=scaled(timeout))
         first = done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
         if not first.split(";")[0].isdigit():
             raise RuntimeError(f"sbatch gave no job id (exit {done.returncode}): {done.stdout} {done.stderr}")
@@ -285,13 +344,8 @@ class LocalSlurmCluster:
         return fields
 
     def wait_for(self, predicate, timeout: float, what: str, poll: float = 0.5):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(poll)
-        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        """``predicate()``'s first truthy value within ``timeout`` seconds (scaled, see ``time_factor``)."""
+        return poll_until(predicate, timeout, what, interval=poll)
 
     def cancel_all(self) -> None:
         if which("scancel") and os.path.isfile(self.conf_path):

@@ -12,14 +12,20 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(str(path), BASE + ["method.beta=0.25", "optimizer.lr=1e-3", "rollout.greedy=true", "batch.global_size=8"])
     assert cfg.method.name == "gkd" and cfg.method.beta == 0.25 and cfg.parallel.tensor == 2
     assert cfg.rollout.greedy is True and cfg.batch.global_size == 8 and cfg.optimizer.lr == 1e-3
-    assert cfg.method.rho == 0.1 and cfg.method.top_k == 10  # METHOD.md defaults
+    tsdkd = load_config(None, BASE).method
+    assert tsdkd.rho == 0.1 and tsdkd.top_k == 10 and tsdkd.gamma_em == 1.0 and tsdkd.alpha == 0.1  # METHOD.md
 
 
 @pytest.mark.parametrize("override, message", [
     ("method.betta=0.5", r"method\.betta: unknown key \(did you mean method\.beta\?\)"),
-    ("method.beta=1.5", r"method\.beta: must be within \[0, 1\], got 1\.5"),
+    ("method.beta=1.5", r"method\.beta: must lie in \[0, 1\], got 1\.5"),
+    ("method.rho=0", r"method\.rho: must lie in \(0, 1\], got 0\.0"),
+    ("method.top_k=0", r"method\.top_k: must be an integer >= 1, got 0"),
+    ("method.name=nope", r"method\.name: unknown method 'nope' \(known: distillm, gkd, kd, sft, tsdkd\)"),
+    ("method.name=tsdk", r"did you mean tsdkd\?"),
+    ("rollout.top_p=0", r"rollout\.top_p: must lie in \(0, 1\], got 0\.0"),
+    ("rollout.on_policy_prob=2", r"rollout\.on_policy_prob: must lie in \[0, 1\], got 2\.0"),
     ("method.top_k=ten", r"method\.top_k: expected an integer, got 'ten'"),
-    ("method.name=foo", r"method\.name: must be one of sft, kd, gkd, distillm, tsdkd; got 'foo'"),
     ("batch.global_size=10", r"batch\.global_size: 10 is not a multiple of batch\.micro_size \(4\)"),
     ("rollout.greedy=maybe", r"rollout\.greedy: expected true or false"),
     ("nonsense=1", r"nonsense: unknown key"),
@@ -34,9 +40,27 @@ def test_required_and_method_specific_rules(tmp_path):
     with pytest.raises(ConfigError, match="models.teacher.path: is required for method tsdkd"):
         load_config(None, ["models.student.path=s", "data.train=d"])
     with pytest.raises(ConfigError, match="rollout.on_policy_prob: method sft trains on the data set's responses"):
-        load_config(None, ["models.student.path=s", "data.train=d", "method.name=sft"])
-    cfg = load_config(None, ["models.student.path=s", "data.train=d", "method.name=sft", "rollout.on_policy_prob=0"])
-    assert cfg.models.teacher.path == ""
+        load_config(None, ["models.student.path=s", "data.train=d", "method.name=sft", "rollout.on_policy_prob=0.5"])
+    # lambda follows the method unless set: sft and kd need no extra key, tsdkd and gkd default to on-policy
+    cfg = load_config(None, ["models.student.path=s", "data.train=d", "method.name=sft"])
+    assert cfg.models.teacher.path == "" and cfg.rollout.on_policy_prob == 0.0
+    assert load_config(None, BASE + ["method.name=kd"]).rollout.on_policy_prob == 0.0
+    assert load_config(None, BASE).rollout.on_policy_prob == 1.0
+    assert load_config(None, BASE + ["rollout.on_policy_prob=0.25"]).rollout.on_policy_prob == 0.25
+
+
+def test_method_section_is_the_methods_own_type(caplog):
+    from megatron_tsdkd.methods import method_class, setting_names
+
+    gkd = load_config(None, BASE + ["method.name=gkd", "method.beta=0.3"]).method
+    assert isinstance(gkd, method_class("gkd").Config) and gkd.beta == 0.3
+    assert "gamma_em" not in setting_names(type(gkd))
+    # a tsdkd setting left in a config that switches to gkd is reported and ignored, not silently kept
+    with caplog.at_level("WARNING"):
+        load_config(None, BASE + ["method.name=gkd", "method.gamma_em=0.01"])
+    assert "method.gamma_em ignored: not settings of method gkd" in caplog.text
+    with pytest.raises(ConfigError, match=r"method\.gama_em: unknown key \(did you mean method\.gamma_em\?\)"):
+        load_config(None, BASE + ["method.gama_em=0.01"])
 
 
 def test_file_errors_name_the_file_and_line(tmp_path):
@@ -48,5 +72,5 @@ def test_file_errors_name_the_file_and_line(tmp_path):
         load_config(str(tmp_path / "nowhere.yaml"))
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("method:\n  beta: 2\n")
-    with pytest.raises(ConfigError, match=r"wrong\.yaml: method\.beta: must be within"):
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: method\.beta: must lie in"):
         load_config(str(wrong), BASE)

@@ -17,7 +17,8 @@ from harness import run_parallel, run_serial
 from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB_SIZE, make_tiny_hf_model
 
-from megatron_tsdkd.models.convert import hf_to_mcore_rank, main, mcore_to_hf_rank
+from megatron_tsdkd.commands.convert import main
+from megatron_tsdkd.models.convert import hf_to_mcore_rank, mcore_to_hf_rank
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -67,7 +67,7 @@ def test_shipped_teacher_beats_shipped_student():
 
 
 def _megatron_eval(argv):
-    from megatron_tsdkd.eval.cli import main
+    from megatron_tsdkd.commands.eval import main
     return main(argv)
 
 

@@ -97,7 +97,7 @@ def _layout_checks(dirs: dict[str, str]) -> dict:
 
 
 def _teacher_main(argv: list[str]) -> None:
-    from megatron_tsdkd.generation.teacher_data import main
+    from megatron_tsdkd.commands.teacher_data import main
 
     main(argv)
 
@@ -220,8 +220,6 @@ def _read_lines(path: str) -> list[dict]:
 
 
 def test_teacher_data_resumes_without_duplicates(tiny_dirs, tmp_path):
-    from megatron_tsdkd.data.records import parse_record
-
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in SOURCE_LINES))
     args = ["--model", tiny_dirs["qwen2"], "--prompts", str(prompts), "--batch-size", "2", "--num-samples", "2",
@@ -247,7 +245,98 @@ def test_teacher_data_resumes_without_duplicates(tiny_dirs, tmp_path):
     assert first["messages"][2] == {"role": "assistant", "content": first["response"]}
     assert records[2]["answer"] == "2" and records[4]["instruction"] == "Add 3 and 4."
     assert records[4]["response"] != "old" and records[4]["prompt"] == "Add 3 and 4."
-    assert all(r["finish_reason"] in ("eos", "length") for r in records)
-    for number, record in enumerate(records):   # the off-policy loader reads the teacher's answers
-        parsed = parse_record(record, f"line {number}", "off_policy") if record["response"].strip() else None
-        assert parsed is None or parsed.response == record["response"]
+    _check_loadable(records)
+
+
+def _check_loadable(records: list[dict]) -> None:
+    """The off-policy loader reads every answer back as written (it refuses empty ones: none may be written)."""
+    from megatron_tsdkd.data.records import parse_record
+
+    for number, record in enumerate(records):
+        assert record["response"].strip(), f"record {number} has an empty answer, which off-policy loading refuses"
+        parsed = parse_record(record, f"line {number}", "off_policy")
+        assert parsed.response == record["response"], f"record {number}: the loader reads another response"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finish reasons against transformers. A tiny model whose stop token is made likely: the lm_head rows of the stop
+# token and of a token that greedy decoding emits mid-answer are swapped, so some answers end by EOS, others by
+# length.
+
+TEACHER_MAX_NEW = 6
+
+
+def _prompt_messages() -> list[tuple[dict, ...]]:
+    from megatron_tsdkd.data.records import parse_record
+
+    return [parse_record(line, f"line {i}", "on_policy").prompt_messages for i, line in enumerate(SOURCE_LINES)]
+
+
+def _hf_greedy_answers(path: str) -> tuple[list[list[int]], set[int], object]:
+    """transformers' greedy continuation of each source line's chat prompt, alone, over the tokenizer's real
+    vocabulary (the rows past it are padding that generation never samples), cut after the first stop token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    configured = GenerationConfig.from_pretrained(path).eos_token_id
+    stops = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    answers = []
+    with torch.no_grad():
+        for messages in _prompt_messages():
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            full = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=TEACHER_MAX_NEW, eos_token_id=sorted(stops), pad_token_id=PAD,
+                                  suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)))
+            answers.append(full[0, ids.shape[1]:].tolist())
+    return answers, stops, tokenizer
+
+
+@pytest.fixture(scope="module")
+def eos_prone_dir(tmp_path_factory) -> str:
+    from safetensors.torch import load_file, save_file
+
+    path = make_tiny_hf_model("qwen2", str(tmp_path_factory.mktemp("tiny_eos") / "qwen2"), seed=ARCHS["qwen2"])
+    weights_file = f"{path}/model.safetensors"
+    original = load_file(weights_file)
+    answers, stops, _ = _hf_greedy_answers(path)
+    (stop,) = stops
+    for step in (3, 2, 4, 1):   # the first candidate that gives both finish reasons and no empty answer
+        for answer in answers:
+            token = answer[step] if len(answer) > step else None
+            if token is None or token in stops or token in answer[:step]:
+                continue
+            weights = dict(original)
+            head = weights["lm_head.weight"].clone()
+            head[[stop, token]] = head[[token, stop]]
+            save_file({**weights, "lm_head.weight": head}, weights_file, metadata={"format": "pt"})
+            swapped, _, _ = _hf_greedy_answers(path)
+            ends = [a[-1] in stops for a in swapped]
+            if any(ends) and not all(ends) and all(len(a) > 1 for a in swapped if a[-1] in stops):
+                return path
+    raise AssertionError("no lm_head swap gives both finish reasons; change the tiny model's seed")
+
+
+def test_teacher_data_finish_reasons_and_answers_match_transformers(eos_prone_dir, tmp_path):
+    """Greedy teacher data at TP=2 (batched, left-padded): each answer is transformers' greedy continuation,
+    decoded without its stop token; finish_reason is "eos" exactly when that continuation ends with a stop id."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in SOURCE_LINES))
+    output = str(tmp_path / "greedy.jsonl")
+    run_parallel(_teacher_main, ["--model", eos_prone_dir, "--prompts", str(prompts), "--output", output, "--tp", "2",
+                                 "--batch-size", "2", "--max-new-tokens", str(TEACHER_MAX_NEW), "--greedy"],
+                 world_size=2, tp=2)
+    records = _read_lines(output)
+    answers, stops, tokenizer = _hf_greedy_answers(eos_prone_dir)
+    assert [r["prompt_index"] for r in records] == list(range(len(SOURCE_LINES)))
+    for record, answer in zip(records, answers):
+        by_eos = answer[-1] in stops
+        assert by_eos or len(answer) == TEACHER_MAX_NEW
+        assert record["finish_reason"] == ("eos" if by_eos else "length"), f"{record} vs ids {answer}"
+        text_ids = answer[:-1] if by_eos else answer
+        assert record["response"] == tokenizer.decode(text_ids, skip_special_tokens=True), f"ids {answer}"
+    reasons = [r["finish_reason"] for r in records]
+    print(f"\ngreedy teacher answers: {[(r['finish_reason'], r['response']) for r in records]}")
+    assert "eos" in reasons and "length" in reasons, f"the fixture should give both finish reasons: {reasons}"
+    _check_loadable(records)

@@ -86,7 +86,7 @@ def test_72b_to_7b_refused_at_tp1_naming_the_teacher_weights():
 
 
 def test_cli_accepts_and_refuses(capsys):
-    from megatron_tsdkd.training.memory_plan import main
+    from megatron_tsdkd.commands.plan import main
 
     yaml = os.path.join(ROOT, "configs", "tsdkd_70b_to_7b.yaml")
     main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "80"])
@@ -201,3 +201,145 @@ def test_per_rank_bytes_match_real_models(tiny_models, tp, pp):
             unsharded = plan_memory(spec, None, PlanInputs(tp=tp, pp=pp, world_size=1, micro_batch=1, global_batch=2,
                                                            seq_len=16, dtype="bf16"))
             assert optimizer_total == unsharded.row("optimizer state").bytes_per_stage[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The estimated rows against real allocations: a bf16 student's forward (what autograd saves for backward, its
+# logits) and the KV cache megatron's StaticInferenceContext allocates in a generation, at two shapes each, on
+# TP=1 and TP=2 (world of 2: TP=1 runs with DP=2).
+
+ESTIMATE_TOLERANCE = 0.15
+FORWARD_SHAPES = [(1, 32), (2, 96)]          # (micro-batch, sequence length)
+ROLLOUT_SHAPES = [(2, 5, 7), (3, 9, 20)]     # (sequences, prompt length, new tokens)
+
+
+def _forward_saved_bytes(model, batch: int, seq: int) -> tuple[int, int]:
+    """(bytes of the distinct non-parameter storages autograd saves for backward, bytes of the logits) of one
+    training-mode forward, as the trainer calls it (token ids, positions, no mask)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(ids, torch.arange(seq).expand(batch, seq), None)
+    return sum(saved.values()), logits.numel() * logits.element_size()
+
+
+def _kv_cache_bytes(model, rows: int, prompt_len: int, new_tokens: int) -> int:
+    """Bytes of the key/value buffers of the StaticInferenceContext that generate() fills."""
+    from megatron.core.inference import contexts
+
+    from megatron_tsdkd.generation import SamplingConfig, generate
+
+    made = []
+
+    class Recorded(contexts.StaticInferenceContext):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    prompts = [[3 + (r + i) % 200 for i in range(prompt_len)] for r in range(rows)]
+    original, contexts.StaticInferenceContext = contexts.StaticInferenceContext, Recorded
+    try:
+        generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, greedy=True), eos_token_ids=[299],
+                 pad_token_id=0, vocab_size=256)
+    finally:
+        contexts.StaticInferenceContext = original
+    (context,) = made
+    return sum(t.untyped_storage().nbytes() for pair in context.key_value_memory_dict.values() for t in pair)
+
+
+def _measured_allocations(folders: dict) -> dict:
+    from megatron_tsdkd.models import build_model, read_hf_config
+
+    out = {}
+    for name, folder in folders.items():
+        for attention in ("local", "sdpa"):
+            torch.manual_seed(0)
+            model = build_model(read_hf_config(folder), params_dtype=torch.bfloat16, attention_backend=attention)
+            model.train()
+            out[name, attention] = {shape: _forward_saved_bytes(model, *shape) for shape in FORWARD_SHAPES}
+        model.eval()
+        out[name, "kv"] = {shape: _kv_cache_bytes(model, *shape) for shape in ROLLOUT_SHAPES}
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_models):
+    """(tp, model) -> rank 0's measurements; both ranks' must agree (TP shards are equal, DP replicas too)."""
+    folders = {name: tiny_models[name] for name in ("llama", "qwen3")}
+    out = {}
+    for tp in (1, 2):
+        ranks = run_parallel(_measured_allocations, folders, world_size=2, tp=tp)
+        assert ranks[0] == ranks[1]
+        out[tp] = ranks[0]
+    return out
+
+
+def _student_plan(folder, tp, **inputs):
+    from megatron_tsdkd.models import read_hf_config
+    from megatron_tsdkd.training.memory_plan import PlanInputs, arch_spec, plan_memory
+
+    spec = arch_spec(read_hf_config(folder))
+    values = dict(tp=tp, pp=1, world_size=2, micro_batch=1, global_batch=2, seq_len=16, dtype="bf16")
+    values.update(inputs)
+    return spec, plan_memory(spec, None, PlanInputs(**values))
+
+
+def _within(estimate: int, real: int) -> bool:
+    return abs(estimate - real) <= ESTIMATE_TOLERANCE * real
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planned_logits_are_the_real_logits(tiny_models, measured, tp):
+    """The planner's per-model logits term (the row grows by it when a teacher is added) against the logits tensor
+    of a real forward."""
+    from megatron_tsdkd.training.memory_plan import PlanInputs, plan_memory
+
+    for name in ("llama", "qwen3"):
+        for (batch, seq), (_, real) in measured[tp][name, "sdpa"].items():
+            spec, plan = _student_plan(tiny_models[name], tp, micro_batch=batch, global_batch=2 * batch // tp,
+                                       seq_len=seq)
+            with_teacher = plan_memory(spec, spec, plan.inputs)
+            row = "logits + loss chunk buffers"
+            one_model = with_teacher.row(row).bytes_per_stage[0] - plan.row(row).bytes_per_stage[0]
+            print(f"\nlogits {name} TP={tp} b={batch} s={seq}: planned {one_model}, real {real}")
+            assert _within(one_model, real), (name, tp, batch, seq, one_model, real)
+            assert plan.row(row).bytes_per_stage[0] >= 2 * real   # the logits and their gradient at least
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planned_kv_cache_is_megatrons_static_context(tiny_models, measured, tp):
+    """The rollout KV-cache row against the key/value buffers megatron allocates for a real generation."""
+    for name in ("llama", "qwen3"):
+        for (rows, prompt_len, new), real in measured[tp][name, "kv"].items():
+            dp = 2 // tp
+            _, plan = _student_plan(tiny_models[name], tp, global_batch=rows * dp, rollout=True,
+                                    rollout_len=prompt_len + new)
+            planned = plan.row("student KV cache").bytes_per_stage[0]
+            print(f"\nKV cache {name} TP={tp} {rows} x ({prompt_len} + {new}): planned {planned}, real {real}")
+            assert _within(planned, real), (name, tp, rows, prompt_len, new, planned, real)
+
+
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planned_activations_are_what_autograd_saves(tiny_models, measured, tp, attention):
+    """The student activations row (recompute none, 1 micro-batch in flight) against the distinct storages a
+    real bf16 training forward saves for backward (parameters excluded: they are the weights row)."""
+    failures = []
+    for name in ("llama", "qwen3"):
+        for (batch, seq), (real, _) in measured[tp][name, attention].items():
+            _, plan = _student_plan(tiny_models[name], tp, micro_batch=batch, global_batch=2 * batch // tp,
+                                    seq_len=seq, attention_scores=attention == "local")
+            planned = plan.row("student activations").bytes_per_stage[0]
+            print(f"\nactivations {name} TP={tp} {attention} b={batch} s={seq}: planned {planned}, real {real}"
+                  f" ({planned / real:.2f})")
+            if not _within(planned, real):
+                failures.append((name, batch, seq, planned, real))
+    assert not failures, f"planned vs saved bytes off by more than {ESTIMATE_TOLERANCE:.0%}: {failures}"

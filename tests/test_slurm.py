@@ -6,6 +6,7 @@ TSDKD_TRAIN_CMD) the launcher is proven on its own; with the real trainer (confi
 Where Slurm cannot be installed (not root, no apt) every test here is skipped with the reason printed.
 """
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, ensure_debian_packages, which
+from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, ensure_debian_packages, slurm_time, time_factor, which
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "slurm", "demo_cpu.sh")
@@ -43,7 +44,8 @@ class Job:
         self.cluster, self.dir = cluster, tmp_path
         self.out = tmp_path / "job.out"
         self.ckpt = tmp_path / "ckpt"
-        options = (f"--nodes={nodes}", f"--output={self.out}", f"--error={self.out}", "--time=10")
+        limit = math.ceil(10 * time_factor())   # minutes: Slurm's own bound on a job that hangs
+        options = (f"--nodes={nodes}", f"--output={self.out}", f"--error={self.out}", f"--time={limit}")
         job_env = {"TSDKD_LOG_DIR": str(tmp_path / "logs"), "NPROC_PER_NODE": str(nproc), **(env or {})}
         self.id, self.rc = cluster.sbatch(DEMO, *args, options=options, wait=sbatch_wait, cwd=ROOT, env=job_env,
                                           timeout=timeout)
@@ -81,14 +83,22 @@ class Job:
                                      f"/{pattern}/ in the output of job {self.id}:\n{self.output()}", poll=0.2)
 
     def release_requeued(self, timeout: float = 60):
-        """Slurm holds a requeued job ~2 minutes (BeginTime); let it start now."""
+        """Slurm holds a requeued job ~2 minutes (BeginTime); let it start as soon as that is safe."""
         def requeued():
             s = self.state()
             return s if s.get("JobState") == "PENDING" and int(s.get("Restarts", "0")) >= 1 else None
-        self.cluster.wait_for(requeued, timeout, f"job {self.id} to be requeued:\n{self.output()}", poll=0.2)
-        # slurmd refuses a credential issued in the same second as the old run's revocation ("Job credential
-        # revoked"), which is what the hold protects against; a few seconds are enough.
-        time.sleep(2.5)
+        pending = self.cluster.wait_for(requeued, timeout, f"job {self.id} to be requeued:\n{self.output()}", poll=0.2)
+        seen = time.time()
+        # What the hold protects against: slurmd refuses a job credential created in the same second as (or before)
+        # the revocation of the old run's ("Job credential revoked"). That revocation is stamped at the requeue
+        # (the job's new SubmitTime) and at the latest when the old run had ended, before the job showed PENDING.
+        # So: once the clock has passed both seconds and no node is still completing the old run.
+        revoked = max(slurm_time(pending.get("SubmitTime")) or seen, seen)
+
+        def safe():
+            busy = [n for n, st in self.cluster.node_states().items() if st.rstrip("*").startswith("comp")]
+            return not busy and time.time() >= math.floor(revoked) + 1.05
+        self.cluster.wait_for(safe, timeout, f"job {self.id}'s old run to be cleaned up", poll=0.1)
         self.cluster.run("scontrol", "update", f"JobId={self.id}", "StartTime=now")
 
 

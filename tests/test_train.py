@@ -55,10 +55,10 @@ def overrides(root, method="tsdkd", on_policy=False, extra=()):
 
 def _train(argv, stop_after=None):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import Trainer
+    from megatron_tsdkd.training.trainer import build_trainer
 
     cfg = load_config(None, argv)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     history = trainer.train(stop_after=stop_after)
     return [h.metrics for h in history if h.metrics is not None]
 
@@ -78,39 +78,48 @@ def test_tp2_pp2_reproduces_serial(workdir, method, on_policy, tmp_path):
         assert abs(s["loss/total"] - p["loss/total"]) <= 1e-4 * max(1.0, abs(s["loss/total"])), (s, p)
         assert s["rollout/on_policy"] == p["rollout/on_policy"] == float(on_policy)
         assert abs(s["optim/grad_norm"] - p["optim/grad_norm"]) <= 1e-4 * max(1.0, s["optim/grad_norm"])
-    # the model learns something: the loss moves
-    assert serial[0]["loss/total"] != serial[-1]["loss/total"]
     if method == "tsdkd":
         assert {"loss/direct", "loss/entropy", "loss/indirect", "loss/gate_mean"} <= set(serial[0])
 
 
 def _every_method_trains(argv):
-    """One process group, several short runs: each method's loss is finite and the student's weights move."""
+    """One process group, several short runs on ONE fixed batch (the data set is exactly one global batch):
+    each method's loss and the student's dtype."""
+    from megatron.core.utils import unwrap_model
+
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.colocation import unwrap
-    from megatron_tsdkd.training.trainer import Trainer
+    from megatron_tsdkd.training.trainer import build_trainer
 
     out = {}
     for method, extra in [("sft", []), ("kd", []), ("distillm", ["method.distillm_divergence=skew_rkl"]),
                           ("tsdkd", ["precision.dtype=bf16", "method.reference_compat=true"])]:
-        trainer = Trainer(load_config(None, argv + [f"method.name={method}", *extra]))
-        before = [p.detach().float().clone() for p in unwrap(trainer.student).parameters()]
+        trainer = build_trainer(load_config(None, argv + [f"method.name={method}", *extra]))
         history = trainer.train()
-        moved = max((p.detach().float() - b).abs().max().item()
-                    for p, b in zip(unwrap(trainer.student).parameters(), before))
-        out[method] = ([h.metrics["loss/total"] for h in history if h.metrics], moved,
-                       {str(p.dtype) for p in unwrap(trainer.student).parameters()})
+        out[method] = ([h.metrics["loss/total"] for h in history if h.metrics],
+                       {str(p.dtype) for p in unwrap_model(trainer.student).parameters()})
     return out
 
 
-def test_every_method_and_bf16_train_at_tp2(workdir, tmp_path):
-    argv = overrides(workdir, "sft", False, [f"checkpoint.dir={tmp_path}/ck", "schedule.max_steps=2",
-                                             "parallel.tensor=2", "checkpoint.resume=none"])
+LEARNING_STEPS = 6
+MARGIN = {"sft": 0.85, "kd": 0.6, "distillm": 0.6, "tsdkd": 0.99}  # the last loss below this share of the first
+
+
+def test_every_method_and_bf16_learn_a_fixed_batch_at_tp2(workdir, tmp_path):
+    """Each method's loss on a batch it sees every step falls by a stated margin: a method whose gradient is
+    wrong in sign or scale, or never reaches the weights, fails here."""
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_text("".join(open(workdir / "train.jsonl").readlines()[:4]))
+    argv = overrides(workdir, "sft", False, [f"checkpoint.dir={tmp_path}/ck", f"schedule.max_steps={LEARNING_STEPS}",
+                                             "parallel.tensor=2", "checkpoint.resume=none", f"data.train={fixed}",
+                                             "data.shuffle=false", "schedule.warmup_fraction=0",
+                                             "schedule.decay=constant", "optimizer.lr=1e-2"])
     results = run_parallel(_every_method_trains, argv, world_size=2, tp=2)[0]
-    for method, (losses, moved, dtypes) in results.items():
-        assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), (method, losses)
-        assert moved > 0, method
-    assert "torch.bfloat16" in results["tsdkd"][2]  # bf16 weights (fp32 master copies live in the optimizer)
+    for method, (losses, dtypes) in results.items():
+        assert len(losses) == LEARNING_STEPS and all(math.isfinite(x) for x in losses), (method, losses)
+        # measured at lr 1e-2: sft 4.63 -> 3.41, kd 0.017 -> 0.006, distillm 0.014 -> 0.005, tsdkd (reference_compat,
+        # bf16; the entropy and ranking terms dominate its total) 6.13 -> 5.99
+        assert losses[-1] < MARGIN[method] * losses[0], (method, losses)
+    assert "torch.bfloat16" in results["tsdkd"][1]  # bf16 weights (fp32 master copies live in the optimizer)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
@@ -130,9 +139,9 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
 
 def _train_with_sigterm(argv, after_step):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import Trainer
+    from megatron_tsdkd.training.trainer import build_trainer
 
-    trainer = Trainer(load_config(None, argv))
+    trainer = build_trainer(load_config(None, argv))
     real_step = trainer.train_step
 
     def step_then_signal():
@@ -147,9 +156,9 @@ def _train_with_sigterm(argv, after_step):
 
 def _load_latest(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import Trainer
+    from megatron_tsdkd.training.trainer import build_trainer
 
-    trainer = Trainer(load_config(None, argv))
+    trainer = build_trainer(load_config(None, argv))
     assert trainer.maybe_resume()
     return trainer.step
 
@@ -176,7 +185,7 @@ def test_bad_setups_stop_before_any_work(workdir, tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_tsdkd.config import ConfigError, load_config
-    from megatron_tsdkd.training.setup import PreflightError, prepare
+    from megatron_tsdkd.training.inputs import PreflightError, check_inputs as prepare
 
     with pytest.raises(ConfigError, match="method.top_k: expected an integer"):
         load_config(None, overrides(workdir, extra=["method.top_k=1.5"]))
@@ -196,3 +205,89 @@ def test_bad_setups_stop_before_any_work(workdir, tmp_path):
     bad.write_text('{"prompt": "1+1", "response": "2"}\n{"prompt": 3\n')
     with pytest.raises(PreflightError, match=r"bad\.jsonl:2"):
         prepare(load_config(None, overrides(workdir, extra=[f"data.train={bad}"])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token loss normalisation over the optimizer step (issue 14): the layout of the global batch changes nothing
+
+NORMALISED = [("sft", False), ("kd", False), ("gkd", True), ("distillm", True)]  # (method, on-policy, greedy)
+
+
+def _normalisation_runs(argv, micro_sizes):
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.trainer import build_trainer
+
+    out = {}
+    for method, on_policy in NORMALISED:
+        for micro in micro_sizes:
+            cfg = load_config(None, argv + [f"method.name={method}", f"batch.micro_size={micro}",
+                                            f"rollout.on_policy_prob={1.0 if on_policy else 0.0}"])
+            history = build_trainer(cfg).train()
+            out[method, micro] = [(h.metrics["loss/total"], h.metrics["optim/grad_norm"], h.metrics["tokens/response"])
+                                  for h in history if h.metrics]
+    return out
+
+
+def test_dp2_and_micro_batch_size_leave_loss_and_gradients_unchanged(workdir, tmp_path):
+    """Global batch 8 with ragged responses (the data's, and greedy on-policy ones): DP=1 at micro-batch 2 and 8
+    and DP=2 at micro-batch 2 give the same per-step loss and gradient norm. Per micro-batch means (the old
+    normalisation) would differ: micro-batches hold different numbers of response tokens."""
+    argv = overrides(workdir, extra=["batch.global_size=8", f"schedule.max_steps={STEPS}", "rollout.max_new_tokens=16",
+                                     f"checkpoint.dir={tmp_path}/ck"])
+    serial = run_serial(_normalisation_runs, argv, [2, 8])
+    dp2 = run_parallel(_normalisation_runs, argv, [2], world_size=2)[0]
+    ragged = False
+    for method, _ in NORMALISED:
+        reference = serial[method, 2]
+        assert len(reference) == STEPS
+        for name, other in (("micro 8", serial[method, 8]), ("DP=2", dp2[method, 2])):
+            for (loss, norm, tokens), (loss2, norm2, tokens2) in zip(reference, other):
+                assert tokens == tokens2, (method, name, tokens, tokens2)
+                assert abs(loss - loss2) <= 2e-6 * abs(loss), (method, name, reference, other)
+                assert abs(norm - norm2) <= 2e-5 * abs(norm), (method, name, reference, other)
+        ragged |= len({t for _, _, t in reference}) > 1
+    assert ragged  # the steps hold different numbers of response tokens
+
+
+def _recompute_runs(argv):
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.trainer import build_trainer
+
+    return {mode: [(h.metrics["loss/total"], h.metrics["optim/grad_norm"])
+                   for h in build_trainer(load_config(None, argv + [f"models.recompute={mode}"])).train() if h.metrics]
+            for mode in ("none", "selective", "full")}
+
+
+def test_activation_recompute_changes_no_number(workdir, tmp_path):
+    argv = overrides(workdir, "tsdkd", True, [f"checkpoint.dir={tmp_path}/ck", f"schedule.max_steps={STEPS}",
+                                              "parallel.tensor=2"])
+    runs = run_parallel(_recompute_runs, argv, world_size=2, tp=2)[0]
+    assert len(runs["none"]) == STEPS
+    assert runs["selective"] == runs["none"] and runs["full"] == runs["none"], runs
+
+
+def _logged_terms(argv):
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.trainer import build_trainer
+
+    out = {}
+    for method in ("sft", "tsdkd"):
+        for micro in (8, 32):
+            history = build_trainer(load_config(None, argv + [f"method.name={method}", f"batch.micro_size={micro}"])).train()
+            out[method, micro] = history[0].metrics
+    return out
+
+
+def test_logged_loss_is_the_sum_of_its_terms_at_any_micro_batch_size(workdir, tmp_path):
+    """What TensorBoard and the progress bar show: the loss of the step, the same at micro-batch 8 and 32 (no
+    division by the number of micro-batches), and for TSD-KD exactly direct + gamma_em x entropy + alpha x indirect."""
+    argv = overrides(workdir, extra=["batch.global_size=32", "schedule.max_steps=1", f"checkpoint.dir={tmp_path}/ck",
+                                     "method.gamma_em=0.5", "method.alpha=0.2"])
+    logged = run_serial(_logged_terms, argv)
+    assert abs(logged["sft", 8]["loss/total"] - logged["sft", 32]["loss/total"]) <= 1e-6 * logged["sft", 32]["loss/total"]
+    assert logged["sft", 8]["loss/total"] == pytest.approx(logged["sft", 8]["loss/ce"], rel=1e-12)
+    assert logged["sft", 32]["loss/total"] > 1.0   # a real cross-entropy over a 105-token vocabulary, not a fraction
+    for micro in (8, 32):
+        m = logged["tsdkd", micro]
+        assert m["loss/total"] == pytest.approx(m["loss/direct"] + 0.5 * m["loss/entropy"] + 0.2 * m["loss/indirect"],
+                                                rel=1e-6), m  # the loss adds its terms in fp32

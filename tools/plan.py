@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_tsdkd.training.memory_plan import main  # noqa: E402
+from megatron_tsdkd.commands.plan import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ Mask convention (see ``collate``): ``labels = input_ids`` shifted left by one, `
 """
 from .chat_tokenization import ChatTemplateTokenizer, TokenizedExample, TruncationStats
 from .collate import (PromptBatch, TrainingBatch, batch_from_generations, collate_prompts, collate_training,
-                      trim_generation)
+                      micro_batches, trim_generation)
 from .dataset import ChatDataset, load_chat_dataset
 from .records import ChatRecord, DataFormatError, read_jsonl
 from .sampler import DistributedBatchSampler
@@ -13,5 +13,5 @@ from .sampler import DistributedBatchSampler
 __all__ = [
     "ChatDataset", "ChatRecord", "ChatTemplateTokenizer", "DataFormatError", "DistributedBatchSampler", "PromptBatch",
     "TokenizedExample", "TrainingBatch", "TruncationStats", "batch_from_generations", "collate_prompts",
-    "collate_training", "load_chat_dataset", "read_jsonl", "trim_generation",
+    "collate_training", "load_chat_dataset", "micro_batches", "read_jsonl", "trim_generation",
 ]

@@ -89,6 +89,18 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
     )
 
 
+def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_length: int,
+                  device=None) -> tuple[list[TrainingBatch], int]:
+    """One optimizer step's (prompt, response) pairs -> micro-batches of ``micro_size`` rows, all of ONE length
+    (the pipeline's p2p buffers need one shape per step). Responses are cut so a row holds at most ``max_length``
+    tokens."""
+    pairs = [(p, list(r)[:max(max_length - len(p), 0)]) for p, r in pairs]
+    length = max(len(p) + len(r) for p, r in pairs)
+    batches = [collate_training(pairs[start:start + micro_size], pad_id, pad_to=length)
+               for start in range(0, len(pairs), micro_size)]
+    return [b.to(device) for b in batches] if device is not None else batches, length
+
+
 def collate_prompts(prompts: Sequence[Union[TokenizedExample, Sequence[int]]], pad_id: int,
                     padding_side: str = "left") -> PromptBatch:
     """Prompt ids (or examples) -> a padded ``PromptBatch`` for generation; left padding by default."""

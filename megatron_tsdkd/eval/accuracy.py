@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megatron_tsdkd.eval.answers import extract_answer, is_correct
+from megatron_tsdkd.runtime.collectives import sum_counts
 
 
 @dataclass
@@ -18,6 +18,7 @@ class AccuracyReport:
     correct: int
     total: int
     samples: list[dict] = field(default_factory=list)   # this replica's predictions (question, prediction, answer)
+    matched: int = -1                                   # responses in which the extractor found an answer
 
     @property
     def accuracy(self) -> float:
@@ -27,9 +28,11 @@ class AccuracyReport:
         return f"{self.accuracy:.1%} ({self.correct}/{self.total})"
 
 
-def evaluate_accuracy(model, tokenizer, examples, *, stop_token_ids: list[int], pad_token_id: int, vocab_size: int,
-                      max_new_tokens: int = 128, batch_size: int = 32) -> AccuracyReport:
-    """Collective over the world. ``examples`` carry ``prompt_ids`` and ``answer`` (TokenizedExample)."""
+def evaluate_accuracy(model, tokenizer, examples, *, tokens, max_new_tokens: int = 128,
+                      batch_size: int = 32, extractor=None) -> AccuracyReport:
+    """Collective over the world. ``examples`` carry ``prompt_ids`` and ``answer`` (TokenizedExample); ``tokens``
+    is the run's TokenSpec (stop ids, pad id, real vocabulary); ``extractor`` (answers.make_extractor) reads the
+    final answer of a response (default: extract_answer). ``report.matched`` counts responses it found one in."""
     from megatron.core import parallel_state as ps
 
     from megatron_tsdkd.generation import SamplingConfig, generate
@@ -42,21 +45,21 @@ def evaluate_accuracy(model, tokenizer, examples, *, stop_token_ids: list[int], 
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
     was_training = model.training
     model.eval()
-    correct, samples = 0, []
+    correct, matched, samples = 0, 0, []
     with torch.no_grad():
         for start in range(0, len(share), batch_size):
             batch = share[start:start + batch_size]
-            out = generate(model, [e.prompt_ids for e in batch], greedy, eos_token_ids=stop_token_ids,
-                           pad_token_id=pad_token_id, vocab_size=vocab_size)
+            out = generate(model, [e.prompt_ids for e in batch], greedy, eos_token_ids=tokens.stop_ids,
+                           pad_token_id=tokens.pad_id, vocab_size=tokens.vocab_size)
             for example, response in zip(batch, out.responses):
                 text = tokenizer.decode(response, skip_special_tokens=True)
-                prediction = extract_answer(text)
+                prediction = (extractor or extract_answer)(text)
                 ok = prediction is not None and is_correct(prediction, example.answer)
                 correct += int(ok)
+                matched += int(prediction is not None)
                 samples.append({"source": example.source, "response": text, "prediction": prediction,
                                 "answer": example.answer, "correct": ok})
     model.train(was_training)
-    counts = torch.tensor([correct, len(share)], dtype=torch.long)
-    if dist.is_initialized():
-        dist.all_reduce(counts, group=ps.get_data_parallel_group())
-    return AccuracyReport(int(counts[0]), int(counts[1]), samples)
+    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None  # None: a world of one
+    correct, total, matched = sum_counts([correct, len(share), matched], group=group)
+    return AccuracyReport(correct, total, samples, matched)

@@ -75,3 +75,52 @@ def score(predictions: Sequence[str], references: Sequence[Union[str, int, float
     if not predictions:
         raise ValueError("cannot score an empty list of predictions")
     return sum(is_correct(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# ---------------------------------------------------------------------------------------------- named extractors
+_ANSWER_COLON = re.compile(r"answer\s*:[ \t]*", re.IGNORECASE)
+_ANY_NUMBER = re.compile(r"-?[\d,]*\.?\d+(?:/\d+)?")
+
+
+def _after_last(pattern, text: str) -> Optional[str]:
+    matches = list(pattern.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end():].split("\n", 1)[0]
+    return _clip_to_number(rest) if rest.strip() else None
+
+
+def _final_number(text: str) -> Optional[str]:
+    numbers = _ANY_NUMBER.findall(text)
+    return numbers[-1].rstrip(".") if numbers else None
+
+
+# ``--answer-pattern NAME``: "default" is extract_answer's three forms; "answer-colon" reads ``Answer: N``;
+# "final-number" takes the last number in the text (a fallback for terse models).
+EXTRACTORS = {
+    "default": extract_answer,
+    "answer-colon": lambda text: _after_last(_ANSWER_COLON, text),
+    "final-number": _final_number,
+}
+
+
+def make_extractor(pattern: Optional[str]):
+    """``None`` or a name from EXTRACTORS, or a regular expression whose first group (else whole match) is the
+    answer (the last match wins). ValueError names a bad pattern."""
+    if pattern is None:
+        return extract_answer
+    if pattern in EXTRACTORS:
+        return EXTRACTORS[pattern]
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"--answer-pattern {pattern!r} is neither an extractor ({', '.join(EXTRACTORS)}) nor a "
+                         f"regular expression: {error}") from None
+
+    def extract(text: str) -> Optional[str]:
+        matches = list(compiled.finditer(text))
+        if not matches:
+            return None
+        found = matches[-1].group(1) if compiled.groups else matches[-1].group(0)
+        return found.strip() if found is not None else None
+    return extract

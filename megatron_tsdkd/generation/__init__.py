@@ -5,7 +5,7 @@ padded_batch     left-padded prompts and the causal + padding attention masks
 stage_forward    one pipeline stage's forward of the new tokens, hidden states sent on by p2p
 token_selection  vocab-parallel argmax; gathered-vocabulary sampling with a seeded generator
 generate         the decoding loop over megatron-core's StaticInferenceContext KV cache
-teacher_data     the ``generate_teacher_data`` command: a teacher answers a prompts JSONL, resumably
+(The teacher-data program that uses it lives with the other programs, in commands/teacher_data.py.)
 """
 from megatron_tsdkd.generation.generate import GenerationOutput, generate
 from megatron_tsdkd.generation.sampling_config import SamplingConfig

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_tsdkd.generation.padded_batch import PaddedBatch
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
-from megatron_tsdkd.generation.stage_forward import padding_aware_attention, stage_forward, unwrap
+from megatron_tsdkd.generation.stage_forward import padding_aware_attention, stage_forward
 from megatron_tsdkd.generation.token_selection import select_tokens
 
 
@@ -33,7 +33,8 @@ class GenerationOutput:
 
 
 def _broadcast_new_tokens(new: torch.Tensor, sampled: bool) -> torch.Tensor:
-    """The last stage's ids to every rank of the model-parallel group (in place)."""
+    """The last stage's ids to every rank of the model-parallel group (in place). ``new`` lives on the model's
+    device (select_tokens keeps the logits' device; other stages allocate there), which is what NCCL needs."""
     from megatron.core import parallel_state as ps
 
     if sampled and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_world_size() > 1:
@@ -55,8 +56,9 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_tok
     of one step are made for the whole batch at once, so a row's sample also depends on the batch it is in."""
     from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.utils import unwrap_model
 
-    model = unwrap(model)
+    model = unwrap_model(model)  # generation feeds token ids and hidden states to the GPTModel itself
     device = next(model.parameters()).device
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)

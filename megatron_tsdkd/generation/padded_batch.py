@@ -22,15 +22,16 @@ class PaddedBatch:
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
                      device: torch.device) -> "PaddedBatch":
+        from megatron_tsdkd.data.collate import collate_prompts
+
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generation needs at least one prompt and no empty prompt")
-        prompt_len = max(len(p) for p in prompts)
-        total = prompt_len + max_new_tokens
-        tokens = torch.full((len(prompts), total), pad_token_id, dtype=torch.long)
-        key_valid = torch.zeros((len(prompts), total), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            tokens[row, prompt_len - len(prompt):prompt_len] = torch.tensor(prompt, dtype=torch.long)
-            key_valid[row, prompt_len - len(prompt):] = True
+        left = collate_prompts(prompts, pad_token_id, padding_side="left")   # the project's one left padding
+        rows, prompt_len = left.input_ids.shape
+        tokens = torch.full((rows, prompt_len + max_new_tokens), pad_token_id, dtype=torch.long)
+        tokens[:, :prompt_len] = left.input_ids
+        key_valid = torch.ones((rows, prompt_len + max_new_tokens), dtype=torch.bool)
+        key_valid[:, :prompt_len] = left.attention_mask.bool()
         return cls(tokens.to(device), key_valid.to(device), prompt_len)
 
     def attention_mask(self, query_start: int, query_end: int) -> torch.Tensor:

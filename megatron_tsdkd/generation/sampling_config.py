@@ -1,7 +1,12 @@
-"""How to pick each new token; validated on construction so a bad value fails before any forward pass."""
+"""How to pick each new token; validated on construction so a bad value fails before any forward pass.
+
+The training config's ``rollout`` section is this type plus lambda (config.RolloutConfig), so the settings and
+their checks exist once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megatron_tsdkd.checks import require, require_flags
 
 
 @dataclass(frozen=True)
@@ -13,22 +18,15 @@ class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0                      # 0 = off
     greedy: bool = False
-    num_samples: int = 1
+    num_samples: int = 1                # responses per prompt
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.is_greedy and self.temperature <= 0.0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy=True instead")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables it)")
+        require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must lie in (0, 1]")
+        require_flags(self, "greedy")
+        require(self.greedy or self.temperature > 0.0, "temperature", self.temperature,
+                "must be > 0 when sampling (or set greedy)")

@@ -15,13 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers (generation feeds token ids and hidden states itself)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def pipeline_dtype(model) -> torch.dtype:
     config = model.config
     return config.pipeline_dtype or config.params_dtype

@@ -1,7 +1,12 @@
-"""Typed settings of the TSD-KD loss (defaults from docs/METHOD.md), checked once with one-line errors."""
+"""Typed settings of the TSD-KD loss (defaults from docs/METHOD.md), checked once with one-line errors.
+
+The ``tsdkd`` method uses this type as its config (methods/tsdkd.py), so a value is validated here and nowhere else.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megatron_tsdkd.checks import require, require_flags
 
 
 @dataclass(frozen=True)
@@ -21,20 +26,14 @@ class TSDKDLossConfig:
     chunk_size: int = 1024         # tokens upcast to fp32 at a time
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.beta <= 1.0, "beta", self.beta, "must lie in [0, 1]")
-        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
-        _check(self.tau > 0, "tau", self.tau, "must be > 0")
-        _check(self.gamma_em >= 0, "gamma_em", self.gamma_em, "must be >= 0")
-        _check(0.0 < self.rho <= 1.0, "rho", self.rho, "must lie in (0, 1]")
-        _check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
-        _check(0.0 < self.opener_fraction <= 1.0, "opener_fraction", self.opener_fraction, "must lie in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k, "must be an integer >= 1")
-        _check(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", self.chunk_size,
-               "must be an integer >= 1")
-        for name in ("use_gate", "use_entropy", "use_indirect", "reference_compat"):
-            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
-
-
-def _check(ok: bool, field: str, value, requirement: str) -> None:
-    if not ok:
-        raise ValueError(f"TSDKDLossConfig.{field} = {value!r} {requirement}")
+        require(0.0 <= self.beta <= 1.0, "beta", self.beta, "must lie in [0, 1]")
+        require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        require(self.tau > 0, "tau", self.tau, "must be > 0")
+        require(self.gamma_em >= 0, "gamma_em", self.gamma_em, "must be >= 0")
+        require(0.0 < self.rho <= 1.0, "rho", self.rho, "must lie in (0, 1]")
+        require(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+        require(0.0 < self.opener_fraction <= 1.0, "opener_fraction", self.opener_fraction, "must lie in (0, 1]")
+        require(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", self.top_k, "must be an integer >= 1")
+        require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", self.chunk_size,
+                "must be an integer >= 1")
+        require_flags(self, "use_gate", "use_entropy", "use_indirect", "reference_compat")

@@ -75,16 +75,13 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
             opener, length = reference_opener(h_s, on_target, rows, positions % mask.shape[1], mask,
                                               config.opener_fraction)
             opener_length = zero + length
-        else:
-            opener, lengths = opener_selection(h_s.index_select(0, on_target), rows.index_select(0, on_target),
-                                               config.opener_fraction)
-            opener = on_target.index_select(0, opener)
-            opener_length = lengths.to(zero.dtype).mean()
-        if opener.numel():
-            indirect = plackett_luce_nll(
-                teacher_ordered(stats.candidate_student.index_select(0, opener),
-                                stats.candidate_teacher.index_select(0, opener)),
-                reference_compat=compat).mean()
+            if opener.numel():
+                indirect = ranking_nll(stats, opener, compat).mean()
+        else:  # every target ranked, the opener's kept by a mask: no data-dependent gather, no host sync
+            keep, lengths = opener_selection(h_s.index_select(0, on_target), rows.index_select(0, on_target),
+                                             config.opener_fraction, *mask.shape)
+            opener_length = lengths.sum() / (lengths > 0).sum()
+            indirect = torch.where(keep, ranking_nll(stats, on_target, compat), 0.0).sum() / keep.sum()
 
     loss = direct
     if config.use_entropy:
@@ -92,7 +89,7 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     if config.use_indirect:
         loss = loss + config.alpha * indirect
     return TSDKDLossOutput(loss, direct, entropy, indirect, gate_mean.detach(), opener_length.detach(),
-                           torch.tensor(selected_count))
+                           zero + selected_count)
 
 
 def entropy_gate(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, tau: float) -> torch.Tensor:
@@ -117,20 +114,27 @@ def reference_entropy_selection(entropy: torch.Tensor, on_target: torch.Tensor, 
     return torch.nonzero(entropy.detach() >= threshold).view(-1)
 
 
-def opener_selection(entropy: torch.Tensor, rows: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def opener_selection(entropy: torch.Tensor, rows: torch.Tensor, fraction: float, num_rows: int,
+                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response (row), positions 1..m with m the first where cumulative entropy / total >= c (crossing kept).
 
-    ``entropy`` and ``rows`` list the targets in row-major order. Returns (indices into them, m per response).
-    A response whose entropies are all 0 opens with one position.
+    ``entropy`` and ``rows`` list the targets in row-major order (rows < ``num_rows``, at most ``width`` targets a
+    row). Returns (a boolean over them: in the opener, m per row: 0 for rows without targets). A response whose
+    entropies are all 0 opens with one position. Computed on a [rows, width] layout with no host synchronisation:
+    a position is kept iff the cumulative share BEFORE it is below c (cumulative sums per row, as a row's own
+    cumsum gives them, since the layout's zeros add nothing).
     """
     entropy = entropy.detach()
-    chosen, lengths = [], []
-    for row in torch.unique(rows).tolist():
-        index = torch.nonzero(rows == row).view(-1)
-        length = crossing_index(entropy.index_select(0, index), fraction) + 1
-        chosen.append(index[:length])
-        lengths.append(length)
-    return torch.cat(chosen), torch.tensor(lengths)
+    order = torch.arange(entropy.numel(), device=entropy.device)
+    first = torch.full((num_rows,), entropy.numel(), dtype=torch.long, device=entropy.device)
+    first = first.scatter_reduce(0, rows, order, reduce="amin")
+    column = order - first.index_select(0, rows)                                # position within its response
+    cumulative = entropy.new_zeros(num_rows, width).index_put_((rows, column), entropy).cumsum(1)
+    total = cumulative[:, -1].index_select(0, rows)
+    before = torch.where(column > 0, cumulative[rows, (column - 1).clamp(min=0)], 0.0)
+    keep = (column == 0) | ((total > 0) & (before / total < fraction))
+    lengths = torch.zeros(num_rows, dtype=entropy.dtype, device=entropy.device).index_add_(0, rows, keep.to(entropy.dtype))
+    return keep, lengths
 
 
 def crossing_index(entropy: torch.Tensor, fraction: float) -> int:
@@ -148,6 +152,13 @@ def reference_opener(entropy: torch.Tensor, on_target: torch.Tensor, rows: torch
     length = crossing_index(entropy.detach().index_select(0, on_target), fraction)
     region_start = first_target_column(mask).index_select(0, rows)
     return torch.nonzero(columns - region_start < length).view(-1), length
+
+
+def ranking_nll(stats, positions: torch.Tensor, compat: bool) -> torch.Tensor:
+    """Plackett-Luce NLL at ``positions`` of the student's top-K candidates in the teacher's order."""
+    return plackett_luce_nll(teacher_ordered(stats.candidate_student.index_select(0, positions),
+                                             stats.candidate_teacher.index_select(0, positions)),
+                             reference_compat=compat)
 
 
 def teacher_ordered(student_scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""Distillation methods behind one interface: sft, kd, gkd, distillm, tsdkd."""
+"""Distillation methods behind one interface and one registry: sft, kd, gkd, distillm, tsdkd."""
 from megatron_tsdkd.methods import distillm, gkd, kd, sft, tsdkd  # noqa: F401  (registration)
-from megatron_tsdkd.methods.base import METHODS, DistillationMethod, MethodOutput, build_method
+from megatron_tsdkd.methods.base import (DEFAULT_METHOD, METHODS, DistillationMethod, MethodConfig, MethodOutput,
+                                         build_method, method_class, setting_names)
 
-__all__ = ["METHODS", "DistillationMethod", "MethodOutput", "build_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "DistillationMethod", "MethodConfig", "MethodOutput", "build_method",
+           "method_class", "setting_names"]

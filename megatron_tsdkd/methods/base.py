@@ -1,36 +1,79 @@
-"""The one small interface every distillation method implements, and the registry the trainer looks methods up in.
+"""The one small interface every distillation method implements, and the registry that is the one source of
+method facts: each method's typed settings, whether it needs a teacher, whether it may train on the student's own
+samples, and what it logs. ``config.load_config`` validates the ``method:`` section through this registry.
 
-A method turns the last pipeline stage's vocab-sharded logits of both models into a scalar loss and a few metrics.
-It knows the tensor-parallel group it is handed and nothing else about the parallel layout; the trainer knows no
-method's internals.
+A method turns the last pipeline stage's vocab-sharded logits of both models into a scalar loss and a few metrics,
+each the micro-batch value that docs/METHOD.md defines (a mean over its response tokens). The trainer weights
+micro-batches by their response tokens (per-token normalisation over the optimizer step). A method knows the
+tensor-parallel group it is handed and nothing else about the parallel layout; the trainer knows no method's
+internals.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from megatron_tsdkd.config import MethodConfig
+from megatron_tsdkd.checks import require
+
+if TYPE_CHECKING:
+    from megatron_tsdkd.data import TrainingBatch
+
+DEFAULT_METHOD = "tsdkd"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings every method has; a method's own config type extends it."""
+
+    name: str = DEFAULT_METHOD
+    chunk_size: int = 1024              # tokens per chunk in the vocab-parallel losses
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", self.chunk_size,
+                "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class DistillationConfig(MethodConfig):
+    """Settings of methods that compare the student's distribution with the teacher's."""
+
+    temperature: float = 1.0            # distillation temperature: every softmax sees logits / T
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
 
 
 @dataclass
 class MethodOutput:
-    loss: torch.Tensor                                   # fp32 scalar, mean over the micro-batch's response tokens
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars for logging
+    loss: torch.Tensor                                   # fp32 scalar, the micro-batch loss (mean over its targets)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars, logged as loss/<name>
 
 
 class DistillationMethod:
-    """Base class. ``batch`` carries ``labels`` [b, s] and ``loss_mask`` [b, s] (1.0 on response targets)."""
+    """Base class. Subclasses set the class facts below and implement ``loss``."""
 
     name: ClassVar[str]
+    Config: ClassVar[type] = MethodConfig
     needs_teacher: ClassVar[bool] = True
-    allows_on_policy: ClassVar[bool] = True
+    on_policy: ClassVar[bool] = True              # may train on responses the student samples (rollout.on_policy_prob)
+    logs: ClassVar[tuple[str, ...]] = ()          # metric names it reports (TensorBoard loss/<name>)
 
     def __init__(self, config: MethodConfig):
+        if not isinstance(config, self.Config):
+            raise TypeError(f"method {self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
 
-    def loss(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], batch: dict,
+    @classmethod
+    def default_on_policy_prob(cls) -> float:
+        """lambda when the user sets none: on-policy for methods that support it (METHOD.md default 1.0)."""
+        return 1.0 if cls.on_policy else 0.0
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], batch: "TrainingBatch",
              *, tp_group=None, vocab_size: Optional[int] = None) -> MethodOutput:
         raise NotImplementedError
 
@@ -43,9 +86,18 @@ def register(cls: type[DistillationMethod]) -> type[DistillationMethod]:
     return cls
 
 
+def method_class(name: str) -> type[DistillationMethod]:
+    """The registered method called ``name``; ValueError naming the key and the known methods otherwise."""
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(str(name), METHODS, n=1)
+    tip = f"; did you mean {close[0]}?" if close else ""
+    raise ValueError(f"name: unknown method {name!r} (known: {', '.join(sorted(METHODS))}){tip}")
+
+
+def setting_names(config_type: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(config_type))
+
+
 def build_method(config: MethodConfig) -> DistillationMethod:
-    try:
-        cls = METHODS[config.name]
-    except KeyError:
-        raise ValueError(f"method.name: unknown method {config.name!r} (known: {', '.join(sorted(METHODS))})") from None
-    return cls(config)
+    return method_class(config.name)(config)

@@ -1,24 +1,22 @@
 """TSD-KD: gated generalized JSD + entropy regularisation + teacher re-ranking of the student's candidates."""
+from dataclasses import dataclass
+
 from megatron_tsdkd.losses import TSDKDLossConfig, tsdkd_loss
-from megatron_tsdkd.methods.base import DistillationMethod, MethodOutput, register
+from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, register
+
+
+@dataclass(frozen=True)
+class TSDKDConfig(TSDKDLossConfig, MethodConfig):
+    """The loss library's settings (validated there) plus the method's name: one type, one set of checks."""
 
 
 @register
 class TSDKD(DistillationMethod):
     name = "tsdkd"
-
-    def __init__(self, config):
-        super().__init__(config)
-        c = config
-        self.loss_config = TSDKDLossConfig(
-            beta=c.beta, temperature=c.temperature, tau=c.tau, gamma_em=c.gamma_em, rho=c.rho, alpha=c.alpha,
-            opener_fraction=c.opener_fraction, top_k=c.top_k, use_gate=c.use_gate, use_entropy=c.use_entropy,
-            use_indirect=c.use_indirect, reference_compat=c.reference_compat, chunk_size=c.chunk_size)
+    Config = TSDKDConfig
+    logs = ("direct", "entropy", "indirect", "gate_mean", "opener_length", "selected_count")
 
     def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
-        out = tsdkd_loss(student_logits, teacher_logits, batch["loss_mask"], self.loss_config, tp_group=tp_group,
+        out = tsdkd_loss(student_logits, teacher_logits, batch.loss_mask, self.config, tp_group=tp_group,
                          vocab_size=vocab_size)
-        metrics = {"direct": out.direct, "entropy": out.entropy, "indirect": out.indirect, "gate_mean": out.gate_mean,
-                   "opener_length": out.opener_length, "selected_count": out.selected_count}
-        return MethodOutput(out.loss, {k: v.detach().float() if hasattr(v, "detach") else v
-                                       for k, v in metrics.items()})
+        return MethodOutput(out.loss, {name: getattr(out, name).detach().float() for name in self.logs})

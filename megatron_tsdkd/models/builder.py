@@ -1,23 +1,49 @@
-"""HF config -> megatron-core TransformerConfig and GPTModel (local layer spec: no Transformer Engine, no Apex).
+"""HF config -> megatron-core TransformerConfig and GPTModel (local layer spec, no Apex; the core attention is
+chosen by ``attention_backend``, see attention.py).
 
 The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron
 parallel_state. Weights are random (or uninitialised with ``perform_initialization=False``); load them with
-``load_hf_weights`` or ``load_mcore_weights``.
+``load_hf_weights`` or ``load_mcore_weights``; their names are the same for every attention backend.
+
+Activation recompute (``recompute``) maps onto TransformerConfig:
+    none       nothing recomputed
+    selective  recompute_granularity="selective" with megatron's default recompute_modules ["core_attn"]: the
+               core attention of every layer is re-run in backward (attention.py:328-331); its [b, np, s, s]
+               scores are the big saving under the local backend, little under sdpa/te, which keep no scores
+    full       recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1: only each
+               layer's input is kept, one layer is re-run at a time (what memory_plan.py's recompute models)
+Recompute acts in training mode only (megatron skips it in eval), so a frozen teacher is unaffected.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_tsdkd.checks import require
+from megatron_tsdkd.models.attention import attention_layer_spec, resolve_attention_backend
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     """``vocab_size`` rounded up to a multiple of ``multiple * tp`` (each TP shard of the embedding equally sized)."""
     step = multiple * tp
     return -(-vocab_size // step) * step
+
+
+def recompute_overrides(mode: str) -> dict:
+    """TransformerConfig fields for activation recompute ``mode`` (one of RECOMPUTE_MODES)."""
+    require(isinstance(mode, str) and mode in RECOMPUTE_MODES, "recompute", mode,
+            "must be one of " + ", ".join(RECOMPUTE_MODES))
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
 
 
 def _spec(hf_config) -> ArchSpec:
@@ -67,22 +93,33 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     if on_cpu:  # the fused CUDA kernels do not exist on the CPU
         kwargs.update(masked_softmax_fusion=False, bias_dropout_fusion=False)
     kwargs.update(overrides)
+    if on_cpu:
+        # megatron's CPU-initialisation path marks weights as tensor-parallel only while it initialises them
+        # (tensor_parallel/layers.py:244, :855); unmarked, TP>1 grad norms count sharded weights as replicas.
+        kwargs["perform_initialization"] = True
     return TransformerConfig(**kwargs)
 
 
 def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_vocab_size: Optional[int] = None,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides):
-    """This rank's stage of a GPTModel laid out like ``hf_config``; vocab padded for TP unless given."""
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                attention_backend: str = "auto", recompute: str = "none", **config_overrides):
+    """This rank's stage of a GPTModel laid out like ``hf_config``; vocab padded for TP unless given.
+    ``attention_backend``: one of attention.ATTENTION_BACKENDS ('auto': TE if importable on GPU, else SDPA on GPU,
+    else local). ``recompute``: one of RECOMPUTE_MODES. ``config_overrides`` (TransformerConfig fields) win."""
+    backend = resolve_attention_backend(attention_backend)   # both checked before anything is imported or built
+    overrides = {**recompute_overrides(recompute), **config_overrides}
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = _spec(hf_config)
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size if padded_vocab_size is not None else _default_padded(spec.vocab_size, tp)
     check_parallel_layout(spec, tp, ps.get_pipeline_model_parallel_world_size(), padded_vocab=vocab)
-    config = transformer_config_from_hf(spec, params_dtype=params_dtype, **config_overrides)
-    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    with warnings.catch_warnings():
+        if backend != "te":  # megatron warns that TE's fused attention needs no core_attn recompute: not ours
+            warnings.filterwarnings("ignore", message="If you are using transformer_engine")
+        config = transformer_config_from_hf(spec, params_dtype=params_dtype, **overrides)
+    layer_spec = attention_layer_spec(backend, spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

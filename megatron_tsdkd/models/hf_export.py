@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Optional
 
 import torch
@@ -18,9 +19,15 @@ from megatron_tsdkd.models.hf_config import arch_spec
 from megatron_tsdkd.models.hf_weights import INDEX_FILE
 from megatron_tsdkd.models.mapping import hf_tensor_shapes, model_layouts
 from megatron_tsdkd.models.mcore_checkpoint import copy_hf_meta
+from megatron_tsdkd.runtime.collectives import all_gather_objects, barrier
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+EXPORT_MARKER = "tsdkd_export.json"   # written last: the folder is a complete export of ours, safe to replace
+
+
+def written_by_export(folder: str) -> bool:
+    """Whether ``folder`` holds a complete earlier export (re-running a finished job may replace it)."""
+    return os.path.isfile(os.path.join(folder, EXPORT_MARKER))
 
 
 def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
@@ -89,8 +96,7 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
         tensors = gather_stage_hf_tensors(model, spec, dtype, assemble=writer)
     stage = ps.get_pipeline_model_parallel_rank()
     mine = (stage, [(n, t.numel() * t.element_size()) for n, t in tensors.items()]) if writer else None
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = all_gather_objects(mine)
     sizes_per_stage = [sizes for _, sizes in sorted(x for x in everyone if x is not None)]
     plan = _plan(sizes_per_stage, max_shard_bytes)
     total_files = sum(len(files) for files in plan)
@@ -103,8 +109,10 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
         raise RuntimeError(f"export would lose tensors {sorted(missing)[:5]}")
 
     if dist.get_rank() == 0:
+        if written_by_export(out_dir):  # an earlier export of a finished run: replaced whole, no stale shards
+            shutil.rmtree(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
+    barrier()
     for i, (s, members) in enumerate(files_in_order):
         if writer and s == stage:
             save_file({n: tensors[n].contiguous() for n in members}, os.path.join(out_dir, names[i]),
@@ -115,14 +123,16 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
         copy_hf_meta(hf_meta_dir, out_dir)
         _record_dtype(os.path.join(out_dir, "config.json"), dtype)
-    dist.barrier()
+        with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:
+            json.dump({"files": total_files, "dtype": str(dtype)}, f)
+    barrier()
 
 
 def _record_dtype(config_path: str, dtype: torch.dtype) -> None:
     """Let config.json state the dtype of the written tensors (``dtype``; ``torch_dtype`` for transformers 4)."""
     with open(config_path) as f:
         config = json.load(f)
-    name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = str(dtype).removeprefix("torch.")   # transformers' names: float32, bfloat16, float16
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
     if all(config.get(k) == name for k in keys):
         return

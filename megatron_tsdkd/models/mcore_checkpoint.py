@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tsdkd.models.errors import ModelError
+from megatron_tsdkd.runtime.collectives import barrier
 
 MODEL_KEY = "model"
 HF_META_DIR = "hf_meta"
@@ -44,12 +45,27 @@ def is_mcore_checkpoint(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "metadata.json"))
 
 
+LATEST_MARKER = "latest"
+
+
+def read_latest(root: str) -> Optional[str]:
+    """The checkpoint folder a training run's ``latest`` marker names (the one reader of that marker), or None
+    when ``root`` has no marker. ModelError when it names a folder that does not exist."""
+    marker = os.path.join(root, LATEST_MARKER)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as f:
+        name = f.read().strip()
+    folder = os.path.join(root, name)
+    if not name or not os.path.isdir(folder):
+        raise ModelError(f"{marker} names {name!r}, which does not exist")
+    return folder
+
+
 def resolve_checkpoint(folder: str) -> str:
     """``folder`` itself, or the step folder a training run's ``latest`` marker names."""
-    marker = os.path.join(folder, "latest")
-    if not is_mcore_checkpoint(folder) and os.path.isfile(marker):
-        with open(marker) as f:
-            folder = os.path.join(folder, f.read().strip())
+    if not is_mcore_checkpoint(folder):
+        folder = read_latest(folder) or folder
     if not is_mcore_checkpoint(folder):
         raise ModelError(f"{folder} is not a megatron-core distributed checkpoint (no metadata.json)")
     return folder
@@ -73,11 +89,11 @@ def save_mcore_weights(model, folder: str, hf_meta_src: Optional[str] = None) ->
 
     if dist.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
-    dist.barrier()
+    barrier()
     dist_checkpointing.save(model_sharded_state_dict(model), folder)
     if dist.get_rank() == 0 and hf_meta_src:
         copy_hf_meta(hf_meta_src, os.path.join(folder, HF_META_DIR))
-    dist.barrier()
+    barrier()
 
 
 def load_mcore_weights(model, folder: str) -> None:

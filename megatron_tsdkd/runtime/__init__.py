@@ -1,4 +1,13 @@
-"""Process groups and the CPU shim."""
+"""Process groups, device-true collectives on the project's own data, phase timing, and the CPU shim."""
+from megatron_tsdkd.runtime import collectives
+from megatron_tsdkd.runtime.collectives import (all_gather_objects, all_reduce_values, any_true, barrier,
+                                                broadcast_object, gather_objects, group_device, sum_counts)
 from megatron_tsdkd.runtime.distributed import ParallelLayout, destroy, device, init_distributed
+from megatron_tsdkd.runtime.timing import PhaseClock
 
-__all__ = ["ParallelLayout", "init_distributed", "destroy", "device"]
+__all__ = [
+    "ParallelLayout", "init_distributed", "destroy", "device",
+    "collectives", "group_device", "all_reduce_values", "any_true", "sum_counts",
+    "broadcast_object", "all_gather_objects", "gather_objects", "barrier",
+    "PhaseClock",
+]

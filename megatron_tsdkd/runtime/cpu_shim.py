@@ -79,6 +79,14 @@ class _NullEvent(_NullStream):
         return 0.0
 
 
+def _redirected(backward):
+    def run(ctx, *args):
+        with _CudaToCpu():
+            return backward(ctx, *args)
+
+    return staticmethod(run)
+
+
 def apply() -> bool:
     """Install the redirections once, if and only if no CUDA device is present. Returns whether it did."""
     global _applied
@@ -112,6 +120,11 @@ def apply() -> bool:
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
+
+    # Autograd runs Function.backward outside the mode below; activation recompute re-runs forward code (with its
+    # device="cuda" masks) inside CheckpointFunction.backward, so the redirection is entered there too.
+    for function in (mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutputFunction):
+        function.backward = _redirected(function.backward)
 
     _CudaToCpu().__enter__()  # stays active for the life of the process
     _applied = True

@@ -7,9 +7,11 @@ launcher runs as a world of one. NCCL on GPU, gloo on CPU (where the CPU shim is
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,7 +62,13 @@ def device() -> torch.device:
 
 
 def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234, timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed (once) and megatron parallel_state (re-initialised if the layout changes)."""
+    """Initialise torch.distributed (once) and megatron parallel_state, then seed megatron's RNG tracker.
+
+    megatron's groups are rebuilt only when the layout differs from the one this function last built (or when
+    something else re-initialised parallel_state since); the groups they replace are destroyed, not just dropped.
+    The seeding runs on every call, so a repeated call leaves the same RNG state as a fresh initialisation.
+    """
+    global _built
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -79,14 +87,77 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
             backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     layout.data_parallel(dist.get_world_size())  # validates divisibility with a clear message
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        context_parallel_size=layout.context,
-    )
+    key = (layout, dist.get_world_size(), dist.group.WORLD)
+    if not (_built is not None and _built[0] == key and _state_unchanged(parallel_state, _built[1])):
+        _teardown_model_parallel(parallel_state)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor,
+            pipeline_model_parallel_size=layout.pipeline,
+            context_parallel_size=layout.context,
+        )
+        _built = (key, _state_snapshot(parallel_state))
     model_parallel_cuda_manual_seed(seed)
+
+
+# (layout key, snapshot of parallel_state's globals) as init_distributed last left them; None when not built.
+_built: Optional[tuple] = None
+
+
+def _state_snapshot(parallel_state) -> dict:
+    """parallel_state's module globals (groups, ranks, sizes, overrides), to tell whether anyone changed them."""
+    return {name: value for name, value in vars(parallel_state).items()
+            if name.startswith("_") and not name.startswith("__") and not callable(value)
+            and not isinstance(value, type(parallel_state))}
+
+
+def _state_unchanged(parallel_state, snapshot: dict) -> bool:
+    current = _state_snapshot(parallel_state)
+    return current.keys() == snapshot.keys() and all(current[k] is v for k, v in snapshot.items())
+
+
+def _megatron_process_groups(parallel_state) -> list:
+    """Every torch ProcessGroup held by megatron's parallel_state (its module globals, including lists and dicts
+    of groups), once each, without the default WORLD group."""
+    found: dict[int, object] = {}
+
+    def visit(value, depth: int = 0) -> None:
+        if isinstance(value, dist.ProcessGroup):
+            found.setdefault(id(value), value)
+        elif depth < 4 and isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                visit(item, depth + 1)
+        elif depth < 4 and isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+
+    for name, value in vars(parallel_state).items():
+        if name.startswith("_") and not name.startswith("__"):
+            visit(value)
+    world = dist.group.WORLD if dist.is_initialized() else None
+    return [group for group in found.values() if group is not world]
+
+
+def _teardown_model_parallel(parallel_state) -> None:
+    """Destroy every process group megatron created, then reset parallel_state.
+
+    megatron-core's destroy_model_parallel only drops its references (except for a few gloo groups), which leaves
+    each group's communicator, and with gloo its ``gloo_tcp_loop`` threads, alive for the rest of the process.
+    """
+    global _built
+    _built = None
+    destroyed = 0
+    if dist.is_initialized():
+        world = dist.distributed_c10d._world
+        live = [group for group in _megatron_process_groups(parallel_state) if group in world.pg_map]
+        # In the order torch itself shuts groups down (NCCL's abort was collective in some versions).
+        for group in sorted(live, key=lambda g: world.pg_names.get(g, ""), reverse=True):
+            dist.destroy_process_group(group)
+            destroyed += 1
+    parallel_state.destroy_model_parallel()
+    if destroyed:
+        # A destroyed group's threads end with its C++ object, and torch's Python wrappers sit in reference cycles:
+        # collect now, or each re-initialisation adds its threads until the collector happens to run.
+        gc.collect()
 
 
 def _free_port() -> int:
@@ -98,9 +169,10 @@ def _free_port() -> int:
 
 
 def destroy() -> None:
+    """Destroy megatron's process groups and then torch.distributed's default group."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _teardown_model_parallel(parallel_state)
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

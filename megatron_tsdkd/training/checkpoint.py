@@ -24,7 +24,9 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
 
-from megatron_tsdkd.models import HF_META_DIR, copy_hf_meta
+from megatron_tsdkd.models import HF_META_DIR, ModelError, copy_hf_meta
+from megatron_tsdkd.models.mcore_checkpoint import LATEST_MARKER, read_latest
+from megatron_tsdkd.runtime.collectives import barrier
 from megatron_tsdkd.training.preemption import job_signals_deferred
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -74,19 +76,16 @@ def verify(folder: str) -> None:
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
-    marker = os.path.join(root, "latest")
-    if not os.path.isfile(marker):
-        return None
-    with open(marker) as f:
-        name = f.read().strip()
-    folder = os.path.join(root, name)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{marker} names {name}, which does not exist")
-    return folder
+    try:
+        return read_latest(root)
+    except ModelError as error:
+        raise CheckpointError(str(error)) from None
 
 
-def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the final folder."""
+def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], keep_last: int,
+         files: Optional[dict[str, str]] = None) -> str:
+    """Collective: every rank calls it. ``files``: name -> text written beside the state (the resolved config).
+    Returns the final folder."""
     rank = dist.get_rank()
     final = os.path.join(root, step_dir_name(step))
     partial = final + ".partial"
@@ -95,20 +94,22 @@ def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], 
         if os.path.exists(partial):
             shutil.rmtree(partial)
         os.makedirs(partial)
-    dist.barrier()
+    barrier()
     with job_signals_deferred():
         dist_checkpointing.save(sharded_state, partial)
-    dist.barrier()
+    barrier()
     if rank == 0:
         if hf_meta_src:
             copy_hf_meta(hf_meta_src, os.path.join(partial, HF_META_DIR))
+        for name, text in (files or {}).items():
+            _atomic_write_text(os.path.join(partial, name), text)
         _write_manifest(partial)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        _atomic_write_text(os.path.join(root, "latest"), step_dir_name(step))
+        _atomic_write_text(os.path.join(root, LATEST_MARKER), step_dir_name(step))
         _prune(root, keep_last)
-    dist.barrier()
+    barrier()
     return final
 
 

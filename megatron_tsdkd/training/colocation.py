@@ -9,38 +9,14 @@ teacher's half receives no gradient (it is detached on arrival), so backward tra
 from __future__ import annotations
 
 import copy
-import time
 from typing import Optional
 
 import torch
 
 from megatron.core.enums import ModelType
+from megatron.core.utils import unwrap_model as unwrap
 
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel under DDP/Float16 wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
-class PhaseClock:
-    """Accumulates wall time per phase (teacher / student forward) inside the schedule."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-
-    def pop(self) -> dict[str, float]:
-        out, self.seconds = self.seconds, {}
-        return out
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from megatron_tsdkd.runtime.timing import PhaseClock
 
 
 class CoLocatedStage(torch.nn.Module):
@@ -83,16 +59,10 @@ class CoLocatedStage(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask=None):
         teacher_out = None
         if self.teacher is not None:
-            _sync()
-            start = time.perf_counter()
-            with torch.no_grad():
+            with self.clock.phase("teacher_forward"), torch.no_grad():
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask)
-            _sync()
-            self.clock.add("teacher_forward", time.perf_counter() - start)
-        start = time.perf_counter()
-        student_out = self.student(input_ids, position_ids, attention_mask)
-        _sync()
-        self.clock.add("student_forward", time.perf_counter() - start)
+        with self.clock.phase("student_forward"):
+            student_out = self.student(input_ids, position_ids, attention_mask)
         if self.post_process:
             return student_out, teacher_out  # vocab-sharded logits [b, s, V/TP] of both models
         if teacher_out is None:

@@ -1,30 +1,32 @@
 """Per-rank GPU memory plan of a co-located teacher/student layout, before anything is allocated.
 
-Parameter counts are exact per rank: they follow megatron-core's GPTModel with the local layer spec as
-``megatron_tsdkd.models.build_model`` builds it (embedding on the first pipeline stage, final norm and output layer on
-the last, a tied output layer duplicated on the last stage when PP > 1, column/row-parallel weights sliced over TP,
-norms replicated, the vocabulary padded as the trainer pads it). Gradient and optimizer bytes follow the trainer's
+Parameter counts are exact per rank: they are read off the HF <-> megatron mapping (models/mapping.py), which lists
+every parameter shard of every stage as megatron-core's GPTModel allocates it (embedding on the first pipeline
+stage, final norm and output layer on the last, a tied output layer duplicated on the last stage when PP > 1,
+column/row-parallel weights sliced over TP, norms replicated, the vocabulary padded as the trainer pads it). Gradient and optimizer bytes follow the trainer's
 choices (fp32 gradient buffer, Adam moments and fp32 master weights, sharded over data-parallel ranks with the
 distributed optimizer). Activations, KV cache and loss buffers are estimates from tensor shapes (stated below), and
 a fixed reserve covers the CUDA context, NCCL buffers and allocator slack.
 
-``tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80`` prints the table;
+``tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80`` (commands/plan.py) prints
+the table;
 ``check_memory_plan`` is what the trainer calls before it builds a model, and raises ``MemoryPlanError`` (table and
 a suggested layout in the message) unless ``memory.enforce=false``.
 """
 from __future__ import annotations
 
-import argparse
+import math
 import os
-import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Optional
 
-from megatron_tsdkd.models.builder import padded_vocab_size
+from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+from megatron_tsdkd.models.mapping import stage_layouts
+from megatron_tsdkd.models.token_spec import shared_padded_vocab
 
 GIB = 1024**3
-WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
 ADAM_MOMENT_BYTES = 8           # exp_avg + exp_avg_sq, fp32
 MASTER_WEIGHT_BYTES = 4         # fp32 copy of bf16/fp16 weights (fp32 weights are their own master)
@@ -42,43 +44,32 @@ class MemoryPlanError(ValueError):
 # Exact parameter counts
 
 
-def shared_padded_vocab(specs: list[ArchSpec], tp: int) -> int:
-    """Teacher and student share one padded vocabulary (the larger of the two), as the trainer builds them."""
-    return max(padded_vocab_size(s.vocab_size, tp) for s in specs)
+@lru_cache(maxsize=4096)
+def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int
+                       ) -> tuple[int, int]:
+    """(all, norm) parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank, counted from
+    the mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied."""
+    def count(layouts) -> tuple[int, int]:
+        sizes = [(math.prod(l.shard_shape), not l.tp_split) for l in layouts]  # replicated shards are the norms
+        return sum(n for n, _ in sizes), sum(n for n, norm in sizes if norm)
 
-
-def layer_parameters(spec: ArchSpec, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
-    h, d = spec.hidden_size, spec.head_dim
-    qkv_rows = (spec.num_heads + 2 * spec.num_query_groups) * d // tp      # column-parallel
-    count = 2 * h                                                         # input and pre-MLP RMSNorm (replicated)
-    count += qkv_rows * h + (qkv_rows if spec.qkv_bias else 0)            # linear_qkv (+ bias, sliced with it)
-    count += h * (spec.num_heads * d // tp)                               # linear_proj, row-parallel, no bias
-    count += 2 * d if spec.qk_norm else 0                                 # q/k RMSNorm over head_dim (replicated)
-    count += 2 * (spec.ffn_hidden_size // tp) * h                         # linear_fc1: gate | up
-    count += h * (spec.ffn_hidden_size // tp)                             # linear_fc2
-    return count
+    layer = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[0], pre_process=False, post_process=False,
+                                padded_vocab=padded_vocab, has_output_weight=False))
+    ends = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[], pre_process=first, post_process=last,
+                               padded_vocab=padded_vocab, has_output_weight=last and not (spec.tie_embeddings and first)))
+    return layers * layer[0] + ends[0], layers * layer[1] + ends[1]
 
 
 def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them."""
-    count = (spec.num_layers // pp) * layer_parameters(spec, tp)
-    embedding = (padded_vocab // tp) * spec.hidden_size
-    first, last = stage == 0, stage == pp - 1
-    if first:
-        count += embedding
-    if last:
-        count += spec.hidden_size                                         # final RMSNorm
-        if not spec.tie_embeddings or not first:                          # a tied output layer is a copy when PP > 1
-            count += embedding
-    return count
+    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab)[0]
 
 
 def stage_norm_parameters(spec: ArchSpec, pp: int, stage: int) -> int:
     """The RMSNorm weights among ``stage_parameters``: megatron's local spec without Apex builds them as torch
     RMSNorm modules, which stay fp32 whatever the model dtype (so they also need no fp32 master copy)."""
-    per_layer = 2 * spec.hidden_size + (2 * spec.head_dim if spec.qk_norm else 0)
-    return (spec.num_layers // pp) * per_layer + (spec.hidden_size if stage == pp - 1 else 0)
+    # norms do not depend on TP or the vocabulary: count them at TP 1 with the unpadded rows
+    return _mapped_parameters(spec, 1, spec.num_layers // pp, stage == 0, stage == pp - 1, spec.vocab_size)[1]
 
 
 def total_parameters(spec: ArchSpec) -> int:
@@ -100,7 +91,8 @@ class PlanInputs:
     seq_len: int                  # prompt + response tokens per training sequence
     dtype: str = "bf16"
     distributed_optimizer: bool = True
-    recompute: bool = False       # full activation recompute, one checkpoint per layer
+    recompute: str = "none"       # models.recompute: none | selective (core attention) | full (one layer at a time)
+    attention_scores: bool = False  # the core attention materialises [b, heads, s, s] scores (models.attention=local)
     rollout: bool = False         # student samples responses (on-policy), so a KV cache is needed
     rollout_len: int = 0          # prompt + generated tokens per rollout sequence
     chunk_size: int = 1024        # tokens per chunk in the vocab-parallel losses
@@ -170,7 +162,7 @@ class MemoryPlan:
         return (f"TP={i.tp} PP={i.pp} DP={i.dp} (world {i.world_size}), micro-batch {i.micro_batch} x "
                 f"{i.micro_batches} per step (global {i.global_batch}), sequence {i.seq_len}, {i.dtype}, "
                 f"distributed optimizer {'on' if i.distributed_optimizer else 'off'}, "
-                f"recompute {'full' if i.recompute else 'off'}")
+                f"recompute {i.recompute}, attention {'local (scores kept)' if i.attention_scores else 'fused'}")
 
     def table(self) -> str:
         i = self.inputs
@@ -223,21 +215,38 @@ def _describe(spec: ArchSpec) -> str:
 
 # ---- activation estimates (bytes), per TP rank ----
 
-def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int) -> int:
-    """What one layer keeps for backward (local spec, no sequence parallelism, attention scores materialised):
-    both norm inputs and outputs, q/k/v, attention output, SwiGLU input and output, softmax probabilities."""
-    h, d = spec.hidden_size, spec.head_dim
-    per_token = 4 * h + (spec.num_heads + 2 * spec.num_query_groups) * d // tp + spec.num_heads * d // tp
-    per_token += 3 * spec.ffn_hidden_size // tp
-    scores = batch * (spec.num_heads // tp) * seq * seq
-    return (tokens * per_token + scores) * elem
+def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int,
+                             scores: bool) -> int:
+    """What one layer keeps for backward (local spec, no sequence parallelism), as measured against the storages
+    autograd saves (tests/test_plan.py): torch RMSNorm with fp32 weights keeps an fp32 copy of its input, the fp32
+    normalised value and rsqrt; SwiGLU keeps fc1's output, silu(gate), up and their product; rope its cos/sin.
+    ``scores``: the local core attention, which keeps q/k/v repeated to every head, the fp32 softmax (plus its
+    low-precision copy) and the mask; fused kernels (SDPA/TE, or core attention recomputed) keep the qkv output,
+    the rotated q and k, the context and a logsumexp."""
+    h, d, t, e = spec.hidden_size, spec.head_dim, tokens, elem
+    nh, ng, f = spec.num_heads // tp, spec.num_query_groups // tp, spec.ffn_hidden_size // tp
+    saved = 2 * t * (8 * h + 4) + 2 * t * h * e + 5 * t * f * e + 4 * seq * d * e
+    if spec.qk_norm:
+        saved += t * (nh + ng) * (8 * d + 4)
+    if scores:
+        saved += t * e * 4 * nh * d + batch * nh * seq * seq * (4 + (e if e < 4 else 0)) + seq * seq
+    else:
+        saved += t * e * ((nh + 2 * ng) * d + (nh + ng) * d + nh * d) + 4 * t * nh
+    return saved
 
 
-def _layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int) -> int:
-    """Transient peak inside one layer's forward: attention scores and probabilities, or the SwiGLU activations."""
-    scores = 2 * batch * (spec.num_heads // tp) * seq * seq
+def _stage_end_activations(spec: ArchSpec, tp: int, tokens: int, elem: int, first: bool, last: bool) -> int:
+    """The input ids (and TP's mask) on the first stage, the final norm's saved tensors on the last."""
+    out = 8 * tokens + (tokens if tp > 1 else 0) if first else 0
+    return out + (tokens * (8 * spec.hidden_size + 4) + tokens * spec.hidden_size * elem if last else 0)
+
+
+def _layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int, scores: bool) -> int:
+    """Transient peak inside one layer's forward: attention scores and probabilities (local core attention), or
+    the SwiGLU activations."""
+    attention = 2 * batch * (spec.num_heads // tp) * seq * seq if scores else 0
     mlp = tokens * 3 * spec.ffn_hidden_size // tp
-    return (max(scores, mlp) + 2 * tokens * spec.hidden_size) * elem
+    return (max(attention, mlp) + 2 * tokens * spec.hidden_size) * elem
 
 
 def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> MemoryPlan:
@@ -249,7 +258,7 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     vocab = shared_padded_vocab(models, i.tp)
     for spec in models:
         check_parallel_layout(spec, i.tp, i.pp, padded_vocab=vocab)
-    elem = WEIGHT_BYTES[i.dtype]
+    elem = DTYPES[i.dtype].itemsize
     stages = range(i.pp)
     s_params = [stage_parameters(student, i.tp, i.pp, s, vocab) for s in stages]
     t_params = [stage_parameters(teacher, i.tp, i.pp, s, vocab) if teacher else 0 for s in stages]
@@ -283,21 +292,23 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     activations, working, logits = [], [], []
     for s in stages:
         in_flight = min(i.pp - s, i.micro_batches) if i.pp > 1 else 1      # 1F1B keeps PP - s micro-batches
-        if i.recompute:   # only each layer's input is kept; one layer is recomputed at a time
-            kept = in_flight * layers * tokens * student.hidden_size * elem
-            kept += _layer_saved_activations(student, i.tp, tokens, b, seq, elem)
-        else:
-            kept = in_flight * layers * _layer_saved_activations(student, i.tp, tokens, b, seq, elem)
+        ends = _stage_end_activations(student, i.tp, tokens, elem, s == 0, s == i.pp - 1)
+        if i.recompute == "full":   # only each layer's input is kept; one layer is recomputed at a time
+            kept = in_flight * (layers * tokens * student.hidden_size * elem + ends)
+            kept += _layer_saved_activations(student, i.tp, tokens, b, seq, elem, i.attention_scores)
+        else:                       # selective recomputes the core attention: its probabilities are not kept
+            scores = i.attention_scores and i.recompute == "none"
+            kept = in_flight * (layers * _layer_saved_activations(student, i.tp, tokens, b, seq, elem, scores) + ends)
         if teacher and i.pp > 1:  # the teacher's hidden states travel with the student's between stages
             kept += in_flight * tokens * teacher.hidden_size * elem
         activations.append(kept)
-        working.append(max(_layer_working_set(m, i.tp, tokens, b, seq, elem) for m in models))
+        working.append(max(_layer_working_set(m, i.tp, tokens, b, seq, elem, i.attention_scores) for m in models))
         last = s == i.pp - 1
         chunk = min(i.chunk_size, tokens)
         logits.append(((1 + len(models)) * tokens * (vocab // i.tp) * elem     # both models' logits + logit grad
                        + LOSS_CHUNK_COPIES * chunk * (vocab // i.tp) * 4) if last else 0)
     rows.append(Row("student activations", activations, "train",
-                    note=("full recompute" if i.recompute else "no recompute") + ", 1F1B in flight"))
+                    note=f"recompute {i.recompute}, 1F1B in flight"))
     rows.append(Row("layer working set", working, "train", note="attention scores / MLP"))
     rows.append(Row("logits + loss chunk buffers", logits, "train", note=f"chunk {i.chunk_size}"))
     if i.rollout:
@@ -314,15 +325,16 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
 # From a TrainConfig
 
 
-def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = None, recompute: bool = False,
-                       tp: Optional[int] = None, pp: Optional[int] = None) -> PlanInputs:
+def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = None) -> PlanInputs:
+    """The plan of a validated TrainConfig (its method's facts resolved: lambda is 0 for off-policy methods). On GPU
+    ``models.attention=auto`` is a fused kernel (TE or SDPA), so only ``local`` keeps attention scores."""
     r = cfg.rollout
-    rollout = cfg.method.name not in ("sft", "kd") and r.on_policy_prob > 0
     return PlanInputs(
-        tp=tp or cfg.parallel.tensor, pp=pp or cfg.parallel.pipeline, world_size=world_size,
+        tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, world_size=world_size,
         micro_batch=cfg.batch.micro_size, global_batch=cfg.batch.global_size, seq_len=cfg.data.max_length,
         dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-        recompute=recompute, rollout=rollout, rollout_len=cfg.data.max_prompt_length + r.max_new_tokens,
+        recompute=cfg.models.recompute, attention_scores=cfg.models.attention == "local",
+        rollout=r.on_policy_prob > 0, rollout_len=cfg.data.max_prompt_length + r.max_new_tokens,
         chunk_size=cfg.method.chunk_size,
         gpu_memory_gib=cfg.memory.gpu_memory_gib if gpu_memory_gib is None else gpu_memory_gib,
     )
@@ -330,7 +342,7 @@ def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = N
 
 def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> str:
     """The smallest model-parallel layout that fits (same world size first, then more GPUs), as a sentence."""
-    def fitting(world_size: int, recompute: bool):
+    def fitting(world_size: int, recompute: str):
         found = []
         for tp in (1, 2, 4, 8):
             for pp in range(1, 65):
@@ -346,12 +358,11 @@ def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanI
                     found.append((tp * pp, -tp, max(plan.peaks), tp, pp))
         return min(found) if found else None
 
-    recompute_options = [inputs.recompute] if inputs.recompute else [False, True]
-    for recompute in recompute_options:
+    for recompute in dict.fromkeys([inputs.recompute, "full"]):
         best = fitting(inputs.world_size, recompute)
         if best:
             _, _, peak, tp, pp = best
-            extra = " with full activation recompute" if recompute else ""
+            extra = f" models.recompute={recompute}" if recompute != inputs.recompute else ""
             return (f"try parallel.tensor={tp} parallel.pipeline={pp}{extra} "
                     f"(peak {peak / GIB:.1f} GiB at world size {inputs.world_size})")
     mp = inputs.tp * inputs.pp
@@ -367,14 +378,14 @@ def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanI
 
 
 def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
-                      gpu_memory_bytes: Optional[int] = None, recompute: bool = False) -> MemoryPlan:
+                      gpu_memory_bytes: Optional[int] = None) -> MemoryPlan:
     """The trainer's gate, before any model is built: raise MemoryPlanError (table + suggestion) when the layout
     cannot fit and ``memory.enforce`` is true; return the plan otherwise. ``gpu_memory_bytes`` is the device's
     real size on GPU (else ``memory.gpu_memory_gib``)."""
     student = _as_spec(student_config)
     teacher = _as_spec(teacher_config) if teacher_config is not None else None
     gib = gpu_memory_bytes / GIB if gpu_memory_bytes else None
-    inputs = inputs_from_config(cfg, world_size, gib, recompute)
+    inputs = inputs_from_config(cfg, world_size, gib)
     plan = plan_memory(student, teacher, inputs)
     if not plan.fits and cfg.memory.enforce:
         raise MemoryPlanError(
@@ -388,7 +399,7 @@ def _as_spec(config) -> ArchSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line
+# Model configs for planning before the weights exist
 
 
 def load_hf_spec(path: str, role: str) -> tuple[ArchSpec, str]:
@@ -406,54 +417,3 @@ def load_hf_spec(path: str, role: str) -> tuple[ArchSpec, str]:
     raise FileNotFoundError(f"{role}: no config.json at {path}"
                             + (f" nor in {os.path.normpath(candidates[-1])}" if len(candidates) > 1 else "")
                             + f"; pass --{role}-config PATH")
-
-
-def _world_size_from_env() -> Optional[int]:
-    nodes, gpus = os.environ.get("SLURM_JOB_NUM_NODES"), os.environ.get("SLURM_GPUS_ON_NODE")
-    if nodes and gpus:
-        return int(nodes) * int(gpus)
-    return None
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="tsdkd-plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML (configs/...)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tsdkd-train")
-    parser.add_argument("--world-size", type=int, help="GPUs in the job (default: nodes x GPUs per node, or TP x PP)")
-    parser.add_argument("--nodes", type=int, help="nodes in the job (with --gpus-per-node)")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-memory-gib", type=float, help="memory per GPU (default: memory.gpu_memory_gib)")
-    parser.add_argument("--recompute", action="store_true", help="plan with full activation recompute")
-    parser.add_argument("--student-config", help="HF folder or config.json (default: models.student.path)")
-    parser.add_argument("--teacher-config", help="HF folder or config.json (default: models.teacher.path)")
-    args = parser.parse_args(argv)
-
-    from megatron_tsdkd.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-        student, where_s = load_hf_spec(args.student_config or cfg.models.student.path, "student")
-        teacher, where_t = (None, None)
-        if cfg.method.name != "sft" and (args.teacher_config or cfg.models.teacher.path):
-            teacher, where_t = load_hf_spec(args.teacher_config or cfg.models.teacher.path, "teacher")
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    mp = cfg.parallel.tensor * cfg.parallel.pipeline
-    world = args.world_size or (args.nodes * args.gpus_per_node if args.nodes else None) or _world_size_from_env() or mp
-    inputs = inputs_from_config(cfg, world, args.gpu_memory_gib, args.recompute)
-    try:
-        plan = plan_memory(student, teacher, inputs)
-    except ValueError as error:
-        print(f"error: parallel layout: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    print(f"student config: {where_s}")
-    if teacher:
-        print(f"teacher config: {where_t}")
-    print(plan.table())
-    if not plan.fits:
-        print(f"suggestion: {suggest_layout(student, teacher, inputs)}")
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,38 @@
-"""Step metrics: reduced across data-parallel ranks on the last pipeline stage, shown on global rank 0 as
-TensorBoard scalars and a progress bar with ETA."""
+"""Step metrics: reduced across data-parallel ranks on the last pipeline stage, shown on global rank 0.
+
+What rank 0 shows for each logged step (every ``logging.interval`` steps, and the last one):
+- TensorBoard scalars in ``logging.dir``, always. The writer opens with ``purge_step`` = the first step this run
+  will log, so after a resume the steps between the checkpoint and the kill, which are trained again, appear once
+  (with the new values): TensorBoard hides every older event at or after that step.
+- One text line through Python logging (logger ``megatron_tsdkd.train``; ``tsdkd-train`` sends it to stderr):
+  step/total, ETA, the loss and its terms, tokens/s, lr, grad norm, peak memory, time per phase.
+- Or a tqdm progress bar (named after the method) INSTEAD of the text lines, only when ``logging.progress_bar`` is
+  true and stderr is a terminal. A bar written to a file or a pipe (Slurm logs, the launcher's tee'd node logs) is
+  one unreadable line of carriage returns, so there the text lines are written whatever ``progress_bar`` says, and
+  a terminal never gets both.
+
+``startup_summary`` is what the trainer logs before its first step and ``tsdkd-train --dry-run`` prints: layout,
+memory plan verdict, steps, data, and the config keys that differ from the defaults (the full resolved YAML at
+DEBUG level; ``tsdkd-train --print-config`` prints it, and every checkpoint holds it as config.yaml).
+"""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import sys
+import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+
+from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_object
+
+log = logging.getLogger("megatron_tsdkd.train")
+GIB = 1024**3
+PHASE_ORDER = ("time/rollout", "time/teacher_forward", "time/student_forward", "time/student_backward",
+               "time/optimizer")   # the order of the step; the text line lists them so
 
 
 def reduce_to_rank0(local: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
@@ -14,33 +40,98 @@ def reduce_to_rank0(local: Optional[dict[str, float]]) -> Optional[dict[str, flo
     data-parallel group, then handed from the last stage to the first (where global rank 0 lives)."""
     names = sorted(local) if local else None
     if ps.is_pipeline_last_stage():
-        values = torch.tensor([float(local[k]) for k in names], dtype=torch.float64)
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-        values /= ps.get_data_parallel_world_size()
-        local = dict(zip(names, values.tolist()))
+        values = all_reduce_values([float(local[k]) for k in names], group=ps.get_data_parallel_group())
+        local = dict(zip(names, (values / ps.get_data_parallel_world_size()).tolist()))
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        box = [local]
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-        local = box[0]
+        local = broadcast_object(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                                 group=ps.get_pipeline_model_parallel_group())
     return local if dist.get_rank() == 0 else None
 
 
-class MetricsLogger:
-    """TensorBoard + tqdm on global rank 0; a no-op elsewhere."""
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
-    def __init__(self, log_dir: str, total_steps: int, start_step: int, progress_bar: bool):
-        self.active = dist.get_rank() == 0
+
+# ---------------------------------------------------------------------------------------------------------------
+# The text line
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def peak_memory() -> str:
+    """This process's peak: memory allocated on its GPU, or its resident set on CPU."""
+    if torch.cuda.is_available():
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB"
+    import resource
+
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB:.2f} GiB"  # KiB on Linux
+
+
+def step_line(step: int, total: int, eta_seconds: Optional[float], metrics: dict[str, float], memory: str) -> str:
+    """``step 10/80 (12%) | eta 1m12s | loss 0.0351 (direct 0.03, ...) | 1,234 tokens/s | lr ... | ...``"""
+    parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+    parts.append(f"eta {format_duration(eta_seconds)}" if eta_seconds is not None else "eta ?")
+    terms = [f"{name[5:]} {value:.4g}" for name, value in metrics.items()
+             if name.startswith("loss/") and name != "loss/total"]
+    loss = f"loss {metrics.get('loss/total', float('nan')):.4g}"
+    parts.append(loss + (f" ({', '.join(terms)})" if terms else ""))
+    if "throughput/tokens_per_s" in metrics:   # what TensorBoard shows: per data-parallel replica
+        parts.append(f"{metrics['throughput/tokens_per_s']:,.0f} tokens/s per replica")
+    if "optim/lr" in metrics:
+        parts.append(f"lr {metrics['optim/lr']:.3e}")
+    if "optim/grad_norm" in metrics:
+        parts.append(f"grad norm {metrics['optim/grad_norm']:.4g}"
+                     + (" (update skipped)" if metrics.get("optim/update_skipped") else ""))
+    parts.append(memory)
+    names = [n for n in PHASE_ORDER if n in metrics] + sorted(
+        n for n in metrics if n.startswith("time/") and n not in PHASE_ORDER and n != "time/step")
+    phases = [f"{name[5:]} {metrics[name]:.2f}" for name in names]
+    if "time/step" in metrics:
+        parts.append(f"time {metrics['time/step']:.2f}s" + (f" ({', '.join(phases)})" if phases else ""))
+    return " | ".join(parts)
+
+
+def shows_progress_bar(progress_bar: bool, stream) -> bool:
+    """The bar only on a terminal (see the module docstring); the text lines everywhere else."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(progress_bar and isatty is not None and isatty())
+
+
+class MetricsLogger:
+    """TensorBoard + text lines or a progress bar on global rank 0; a no-op elsewhere. ``start_step`` is the step
+    the run starts from (a resumed run's checkpoint step)."""
+
+    def __init__(self, log_dir: str, total_steps: int, start_step: int, progress_bar: bool, name: str = "train",
+                 stream=None):
+        self.active = _rank() == 0
         self.writer = self.bar = None
+        self.total_steps, self.start_step = total_steps, start_step
+        self.started = time.monotonic()
         if not self.active:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir)
-        if progress_bar:
+        # hides events of an earlier attempt at the steps this run logs again (see the module docstring)
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1)
+        stream = sys.stderr if stream is None else stream
+        if shows_progress_bar(progress_bar, stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="tsdkd", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
+                            file=stream)
+
+    def eta(self, step: int) -> Optional[float]:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.monotonic() - self.started) / done * (self.total_steps - step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -51,6 +142,8 @@ class MetricsLogger:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
                                  lr=f"{metrics.get('optim/lr', 0.0):.2e}")
+        else:
+            log.info("%s", step_line(step, self.total_steps, self.eta(step), metrics, peak_memory()))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -58,3 +151,95 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def log_scalars(log_dir: str, step: int, values: dict[str, float]) -> None:
+    """A few scalars outside the training loop (the job's accuracy before and after), on global rank 0."""
+    if _rank() != 0:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=log_dir) as writer:
+        for name, value in values.items():
+            writer.add_scalar(name, value, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The start-up summary
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_settings(cfg) -> dict[str, dict[str, object]]:
+    """The resolved config's keys whose values differ from the defaults (the method's own defaults for
+    ``method.*``, lambda's default for that method), grouped by section: ``{"batch": {"global_size": 32}}``."""
+    from megatron_tsdkd.config import TrainConfig, to_dict
+    from megatron_tsdkd.methods import method_class
+
+    method = method_class(cfg.method.name)
+    defaults = TrainConfig(method=method.Config())
+    defaults.rollout = dataclasses.replace(defaults.rollout, on_policy_prob=method.default_on_policy_prob())
+    base, current = _flat(to_dict(defaults)), _flat(to_dict(cfg))
+    grouped: dict[str, dict[str, object]] = {}
+    for key, value in current.items():
+        if key not in base or base[key] != value:
+            section, _, rest = key.partition(".")
+            grouped.setdefault(section if rest else "", {})[rest or section] = value
+    return grouped
+
+
+def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num_microbatches: int,
+                    start_step: int = 0) -> list[str]:
+    """The lines logged before the first step (and printed by ``tsdkd-train --dry-run``)."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    dp = world_size // (tp * pp)
+    b = cfg.batch
+    teacher = cfg.models.teacher.path if inputs is None or inputs.teacher is not None else ""
+    lines = [
+        f"run: method {cfg.method.name}, student {cfg.models.student.path}"
+        + (f", teacher {teacher}" if teacher else ", no teacher")
+        + f", {cfg.precision.dtype}, on-policy probability {cfg.rollout.on_policy_prob:g}"
+        + f", on {'GPU' if torch.cuda.is_available() else 'CPU'}",
+        f"layout: TP={tp} PP={pp} DP={dp}, world size {world_size}; {num_microbatches} micro-batch"
+        f"{'es' if num_microbatches != 1 else ''} of {b.micro_size} sequences per step on each data-parallel rank "
+        f"(global batch {b.global_size})",
+        f"memory plan {plan.verdict()}" if plan is not None else "memory plan: none",
+    ]
+    if start_step:
+        lines.append(f"steps: resuming at step {start_step} of {total_steps} ({total_steps - start_step} to go)")
+    else:
+        lines.append(f"steps: {total_steps} from the start")
+    lines[-1] += (f"; checkpoints every {cfg.checkpoint.interval} steps" if cfg.checkpoint.interval
+                  else "; a checkpoint at the end") + f" in {cfg.checkpoint.dir}"
+    if inputs is not None:
+        data = f"data: {cfg.data.train}: {inputs.train.stats.summary()}"
+        if inputs.eval_examples:
+            data += f"; eval: {len(inputs.eval_examples)} problems from {cfg.data.eval}"
+        lines.append(data)
+    lines.append("config (keys that differ from the defaults; tsdkd-train --print-config shows all):")
+    for section, values in changed_settings(cfg).items():
+        text = " ".join(f"{k}={v}" for k, v in values.items())
+        lines.append(f"  {section}: {text}" if section else f"  {text}")
+    return lines
+
+
+def log_startup_summary(cfg, parts, start_step: int) -> None:
+    """The trainer's start-up summary on global rank 0 (INFO), with the full resolved config at DEBUG."""
+    if _rank() != 0:
+        return
+    for line in startup_summary(cfg, parts.inputs, parts.memory_plan, world_size=dist.get_world_size(),
+                                total_steps=parts.total_steps, num_microbatches=parts.num_microbatches,
+                                start_step=start_step):
+        log.info("%s", line)
+    if log.isEnabledFor(logging.DEBUG):
+        from megatron_tsdkd.training.run_config import config_yaml
+
+        log.debug("resolved config:\n%s", config_yaml(cfg))

@@ -26,6 +26,9 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int) -> OptimizerP
         optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style=s.decay, start_wd=o.weight_decay,
         end_wd=o.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        # resumed with accepted changes (checkpoint.allow_config_changes): the new settings win over the stored ones
+        override_opt_param_scheduler=cfg.checkpoint.allow_config_changes,
+        use_checkpoint_opt_param_scheduler=not cfg.checkpoint.allow_config_changes,
     )
 
 

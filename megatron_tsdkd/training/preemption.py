@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 
-import torch
-import torch.distributed as dist
+from megatron_tsdkd.runtime.collectives import any_true
 
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -41,10 +40,7 @@ class PreemptionFlag:
 
     def any_rank_received(self) -> bool:
         """Collective over the world: True if any rank got a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_true(self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

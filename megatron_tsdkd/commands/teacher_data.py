@@ -1,5 +1,5 @@
-"""``generate_teacher_data``: a teacher model answers every prompt of a JSONL file; the answers feed off-policy
-training.
+"""``tools/generate_teacher_data.py``: a teacher model answers every prompt of a JSONL file; the answers feed
+off-policy training.
 
 Launch with torchrun (world = TP x PP x DP). Input lines are parsed by megatron_tsdkd.data.records (``messages``,
 ``prompt`` or ``instruction``), rendered with the tokenizer's chat template (generation prompt added) by
@@ -13,22 +13,26 @@ Resumable: prompts are cut into fixed batches by their index and batch k is samp
 whichever data-parallel replica runs it, so the content depends neither on DP nor on interruptions. Rank 0 appends each
 round of batches with one write + fsync; on restart it drops a torn last line and skips prompts already written.
 (A kill in the middle of that one write could leave part of a batch; its missing prompts are then generated as a
-smaller batch: valid samples, but not the same draws as an uninterrupted run.)
+smaller batch: valid samples, but not the same draws as an uninterrupted run.) The settings that decide the content
+(model, prompts, seed, batch size, sampling) are recorded in ``<output>.settings.json``; resuming with other settings
+stops with the list of what differs instead of mixing two data sets in one file.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from megatron_tsdkd.generation.generate import generate
-from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.generation import SamplingConfig, generate
+from megatron_tsdkd.models.dtypes import DTYPES
+from megatron_tsdkd.runtime.collectives import barrier, broadcast_object, gather_objects
+from megatron_tsdkd.runtime.seeds import derive_seed
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTINGS_SUFFIX = ".settings.json"   # beside the output: the settings it was written with
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,49 +117,7 @@ def output_record(source: dict, prompt_messages: tuple[dict, ...], response: str
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model, tokenizer, sampling settings
-
-def load_teacher(path: str, dtype: Optional[torch.dtype]):
-    """(this rank's model stage, HF config, folder holding the tokenizer and generation config)."""
-    from megatron_tsdkd.models import build_model, load_hf_weights, load_mcore_weights, read_hf_config
-    from megatron_tsdkd.models.mcore_checkpoint import HF_META_DIR, checkpoint_dtype, resolve_checkpoint
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config = read_hf_config(path)
-        model = build_model(config, params_dtype=dtype or _default_dtype(), perform_initialization=False)
-        load_hf_weights(model, path, config)
-        return model, config, path
-    checkpoint = resolve_checkpoint(path)
-    meta = next((d for d in (os.path.join(checkpoint, HF_META_DIR), os.path.join(path, HF_META_DIR))
-                 if os.path.isdir(d)), None)
-    if meta is None:
-        raise FileNotFoundError(f"{path} is a megatron checkpoint without {HF_META_DIR}/ (the HF config and "
-                                f"tokenizer); convert it with tools/convert.py or pass an HF folder")
-    config = read_hf_config(meta)
-    model = build_model(config, params_dtype=dtype or checkpoint_dtype(checkpoint), perform_initialization=False)
-    load_mcore_weights(model, checkpoint)
-    return model, config, meta
-
-
-def _default_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def stop_and_pad_ids(tokenizer, meta_dir: str) -> tuple[list[int], int]:
-    """End-of-turn ids from generation_config.json plus the tokenizer's EOS; pad = pad token, else first EOS."""
-    eos = set()
-    path = os.path.join(meta_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            value = json.load(f).get("eos_token_id")
-        eos.update(value if isinstance(value, list) else [] if value is None else [value])
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    if not eos:
-        raise ValueError(f"no end-of-turn token: neither {path} nor the tokenizer names an eos_token_id")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    return sorted(eos), pad
-
+# Sampling settings
 
 def sampling_config(args, meta_dir: str) -> SamplingConfig:
     """Command-line values, else the model's generation_config.json, else SamplingConfig's defaults."""
@@ -178,22 +140,42 @@ def sampling_config(args, meta_dir: str) -> SamplingConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def _batch_seed(seed: int, batch_index: int) -> int:
-    return seed * 1_000_003 + batch_index
+def run_settings(args, source, config: SamplingConfig) -> dict:
+    """What decides the content of the output: a resumed run must use the same, or it would mix two data sets."""
+    return {"model": os.path.abspath(source.weights), "prompts": os.path.abspath(args.prompts), "seed": args.seed,
+            "batch_size": args.batch_size, "sampling": dataclasses.asdict(config)}
 
 
-def write_teacher_data(args) -> None:
+def check_settings(path: str, settings: dict) -> None:
+    """Record the settings beside a new output; refuse to resume an output written with other settings. Rank 0
+    alone reads and writes the record (before any process group; if it stops, the launcher stops the others)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        if changed:
+            raise SystemExit(f"error: --output was written with other settings ({', '.join(changed)} differ from "
+                             f"{path}); resume with the same settings or write to a new output file")
+    else:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def write_teacher_data(args, source, config: SamplingConfig) -> None:
     """Collective over the world: every replica generates its batches, rank 0 writes them in batch order."""
     from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
 
     from megatron_tsdkd.data.chat_tokenization import ChatTemplateTokenizer
+    from megatron_tsdkd.models.source import load_model
+    from megatron_tsdkd.models.token_spec import load_tokenizer, token_spec
 
     items = read_prompts(args.prompts)
     rank = dist.get_rank()
-    done = [written_prompt_indices(args.output, len(items)) if rank == 0 else None]
-    dist.broadcast_object_list(done, src=0)
-    done = done[0]
+    done = broadcast_object(written_prompt_indices(args.output, len(items)) if rank == 0 else None, src=0)
     batches = [(k, [i for i in range(start, min(start + args.batch_size, len(items))) if i not in done])
                for k, start in enumerate(range(0, len(items), args.batch_size))]
     batches = [(k, indices) for k, indices in batches if indices]
@@ -202,11 +184,10 @@ def write_teacher_data(args) -> None:
             print(f"{args.output} already answers all {len(items)} prompts of {args.prompts}; nothing to do")
         return
 
-    model, hf_config, meta_dir = load_teacher(args.model, DTYPES.get(args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or meta_dir)
+    tokenizer = load_tokenizer(args.tokenizer or source.meta_dir)
     chat = ChatTemplateTokenizer(tokenizer)
-    eos_ids, pad_id = stop_and_pad_ids(tokenizer, meta_dir)
-    config = sampling_config(args, meta_dir)
+    tokens = token_spec(chat, [source], ps.get_tensor_model_parallel_world_size())
+    model = load_model(source, dtype=DTYPES.get(args.dtype), padded_vocab_size=tokens.padded_vocab_size)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     first_of_replica = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
@@ -221,17 +202,16 @@ def write_teacher_data(args) -> None:
         records = []
         if mine is not None:
             k, indices = mine
-            out = generate(model, [chat.prompt_ids(items[i][1]) for i in indices], config, eos_token_ids=eos_ids,
-                           pad_token_id=pad_id, vocab_size=hf_config.vocab_size,
-                           generator_seed=_batch_seed(args.seed, k))
+            out = generate(model, [chat.prompt_ids(items[i][1]) for i in indices], config,
+                           eos_token_ids=tokens.stop_ids, pad_token_id=tokens.pad_id, vocab_size=tokens.vocab_size,
+                           generator_seed=derive_seed(args.seed, k))
             for row, ids in enumerate(out.responses):
                 index = indices[out.prompt_index[row]]
                 text_ids = ids[:-1] if out.finished[row] else ids
                 records.append(output_record(items[index][0], items[index][1],
                                              tokenizer.decode(text_ids, skip_special_tokens=True), index,
                                              row % config.num_samples, out.finished[row]))
-        gathered = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object((dp_rank, records) if first_of_replica else None, gathered, dst=0)
+        gathered = gather_objects((dp_rank, records) if first_of_replica else None, dst=0)
         if rank == 0:
             by_replica = dict(g for g in gathered if g is not None)
             ordered = [r for d in range(len(round_batches)) for r in by_replica[d]]
@@ -239,14 +219,23 @@ def write_teacher_data(args) -> None:
             bar.update(sum(len(indices) for _, indices in round_batches))
     if bar is not None:
         bar.close()
-    dist.barrier()
+    barrier()
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     from megatron_tsdkd.runtime import ParallelLayout, init_distributed
 
+    from megatron_tsdkd.models import ModelError
+    from megatron_tsdkd.models.source import resolve_model_source
+
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    try:  # every user error before any process group
+        source = resolve_model_source(args.model)
+        config = sampling_config(args, source.meta_dir)
+    except (ModelError, ValueError) as error:
+        raise SystemExit(f"error: --model {args.model}: {error}") from None
+    check_settings(args.output + SETTINGS_SUFFIX, run_settings(args, source, config))
     init_distributed(ParallelLayout(tensor=args.tp, pipeline=args.pp))
-    write_teacher_data(args)
+    write_teacher_data(args, source, config)

@@ -1,0 +1,67 @@
+"""``tsdkd-plan``: the per-rank GPU memory plan of a training config, with a verdict, before anything is queued.
+
+    tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80 [key=value ...]
+
+The world size comes from ``--world-size``, else ``--nodes`` x ``--gpus-per-node``, else the Slurm allocation; with
+none of them the command stops instead of silently planning for one model-parallel group. Model configs come from
+the model folders, or from configs/hf/<folder name>/ when the weights are not downloaded yet.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+
+def _world_size_from_env() -> Optional[int]:
+    nodes, gpus = os.environ.get("SLURM_JOB_NUM_NODES"), os.environ.get("SLURM_GPUS_ON_NODE")
+    if nodes and gpus:
+        return int(nodes) * int(gpus)
+    return None
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="tsdkd-plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="training YAML (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for tsdkd-train "
+                                                     "(e.g. models.recompute=full)")
+    parser.add_argument("--world-size", type=int, help="GPUs in the job (default: nodes x GPUs per node, or Slurm's)")
+    parser.add_argument("--nodes", type=int, help="nodes in the job (with --gpus-per-node)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gib", type=float, help="memory per GPU (default: memory.gpu_memory_gib)")
+    parser.add_argument("--student-config", help="HF folder or config.json (default: models.student.path)")
+    parser.add_argument("--teacher-config", help="HF folder or config.json (default: models.teacher.path)")
+    args = parser.parse_args(argv)
+
+    from megatron_tsdkd.config import ConfigError, load_config
+    from megatron_tsdkd.methods import method_class
+    from megatron_tsdkd.training.memory_plan import inputs_from_config, load_hf_spec, plan_memory, suggest_layout
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        student, where_s = load_hf_spec(args.student_config or cfg.models.student.path, "student")
+        teacher, where_t = (None, None)
+        if method_class(cfg.method.name).needs_teacher:
+            teacher, where_t = load_hf_spec(args.teacher_config or cfg.models.teacher.path, "teacher")
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    world = args.world_size or (args.nodes * args.gpus_per_node if args.nodes else None) or _world_size_from_env()
+    if not world:
+        _fail("--world-size: how many GPUs will the job have? pass --world-size N (or --nodes N --gpus-per-node G)")
+    try:
+        plan = plan_memory(student, teacher, inputs_from_config(cfg, world, args.gpu_memory_gib))
+    except ValueError as error:
+        _fail(f"parallel layout: {error}")
+    print(f"student config: {where_s}")
+    if teacher:
+        print(f"teacher config: {where_t}")
+    print(plan.table())
+    if not plan.fits:
+        print(f"suggestion: {suggest_layout(student, teacher, plan.inputs)}")
+        raise SystemExit(1)

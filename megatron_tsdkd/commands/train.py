@@ -1,0 +1,135 @@
+"""``tsdkd-train --config configs/X.yaml [key=value ...]``: validate the config and every input, then run the job
+(training, optional before/after accuracy, HF export) in this process's rank of the launcher's world.
+
+    tsdkd-train --config X.yaml [key=value ...] --print-config   the resolved config as YAML; nothing else is read
+    tsdkd-train --config X.yaml [key=value ...] --dry-run        validate, preflight, memory plan; build nothing
+
+``--dry-run`` checks what a launch would: the config, every input (check_inputs: models, tokenizer, data, output
+folders, resume) and the memory plan, for the world the job would start (``WORLD_SIZE``, else parallel.tensor x
+parallel.pipeline). It starts no process group and builds no model, prints the start-up summary and the plan
+table on stdout, and exits 0; or exits 2 with exactly one line ``error: ...`` on stderr (everything else it prints,
+library warnings included, goes to stdout), so a launcher can run it before torchrun and show that line.
+
+Every process calls ``runtime.warnings.install()`` first (torchrun starts this command in each worker), and logs
+through Python logging: warnings and above from libraries, INFO from this project (rank 0's start-up summary and
+its per-step text lines, see training/metrics.py) to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, as every other user error (argparse would print the usage too)
+        _fail(f"{message} (see tsdkd-train --help)")
+
+
+def configure_logging(stream=None) -> None:
+    """Library loggers at WARNING, this project's at INFO, on ``stream`` (default stderr)."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=stream)
+    logging.getLogger("megatron_tsdkd").setLevel(logging.INFO)
+
+
+def _resume_step(cfg) -> int:
+    """The step a launch would resume from (0 for a fresh run), read off the checkpoint folder's name."""
+    from megatron_tsdkd.training import checkpoint
+
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return 0
+    folder = checkpoint.latest_checkpoint(cfg.checkpoint.dir) if resume == "auto" else resume
+    match = checkpoint.STEP_DIR.match(os.path.basename(os.path.normpath(folder))) if folder else None
+    return int(match.group(1)) if match else 0
+
+
+def dry_run(cfg) -> None:
+    """Everything a launch checks before its first collective, for the world it would start; prints the summary
+    and the memory plan. Raises the same errors a launch would (PreflightError, MemoryPlanError, ...)."""
+    import torch
+
+    from megatron_tsdkd.data import DistributedBatchSampler
+    from megatron_tsdkd.training.inputs import check_inputs
+    from megatron_tsdkd.training.memory_plan import check_memory_plan
+    from megatron_tsdkd.training.metrics import startup_summary
+
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    world = int(os.environ.get("WORLD_SIZE") or tp * pp)
+    os.environ["WORLD_SIZE"] = str(world)   # the preflight's world check (inputs.launcher_world_size) sees it too
+    inputs = check_inputs(cfg)
+    plan = check_memory_plan(   # as training/build.py calls it, with this world
+        cfg, world, inputs.student.hf_config, inputs.teacher.hf_config if inputs.teacher is not None else None,
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    dp, b = world // (tp * pp), cfg.batch
+    sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
+                                      dp_rank=0, dp_size=dp, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * sampler.batches_per_epoch  # as build_parts
+    for line in startup_summary(cfg, inputs, plan, world_size=world, total_steps=total_steps,
+                                num_microbatches=b.global_size // (dp * b.micro_size), start_step=_resume_step(cfg)):
+        print(line)
+    print(plan.table())
+    print(f"dry run: the config, the inputs and the memory plan for {world} processes are fine; nothing was built")
+
+
+def main(argv=None) -> None:
+    from megatron_tsdkd.runtime.warnings import install
+
+    install()   # before megatron-core is imported: most of its warnings come at import
+    parser = _Parser(prog="tsdkd-train", description="Distil a teacher into a student (TSD-KD and baselines).")
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.beta=0.5 parallel.tensor=2")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="validate the config, check every input and plan the memory for the world it would run "
+                           "at (WORLD_SIZE, else parallel.tensor x parallel.pipeline); build nothing, exit 0 or 2")
+    args = parser.parse_args(argv)
+    from megatron_tsdkd.config import ConfigError, load_config
+
+    if args.dry_run:
+        _dry_run_main(args)
+        return
+    configure_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        _fail(str(error))
+    if args.print_config:
+        from megatron_tsdkd.training.run_config import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return
+    from megatron_tsdkd.training.inputs import PreflightError, check_inputs
+    try:
+        inputs = check_inputs(cfg)
+    except PreflightError as error:
+        _fail(str(error))
+    from megatron_tsdkd.training.job import run_job
+    run_job(cfg, inputs)
+
+
+def _dry_run_main(args) -> None:
+    """stderr carries nothing but the one error line: logging, warnings and prints all go to stdout."""
+    from megatron_tsdkd.config import ConfigError, load_config
+    from megatron_tsdkd.training.checkpoint import CheckpointError
+
+    configure_logging(sys.stdout)
+    try:
+        with contextlib.redirect_stderr(sys.stdout):
+            dry_run(load_config(args.config, args.overrides))
+    except (ConfigError, ValueError, CheckpointError, OSError) as error:  # PreflightError, MemoryPlanError: ValueErrors
+        first, *rest = str(error).splitlines() or [type(error).__name__]
+        if rest:   # the memory plan's table
+            print("\n".join(rest))
+        sys.stdout.flush()
+        _fail(first)

@@ -1,0 +1,17 @@
+"""The one table of precision names: config and command-line names, torch dtypes, safetensors' names."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = tuple(DTYPES)
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and tests compare against fp32 references)."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)

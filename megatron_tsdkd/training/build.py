@@ -1,0 +1,90 @@
+"""Turn a validated config and its checked inputs into the parts a Trainer runs: process groups, the memory gate,
+both models (loaded and sharded for this rank), the co-located stage, the method, the data sampler, the optimizer
+and its schedule. The Trainer receives them built and only runs the loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tsdkd.config import TrainConfig
+from megatron_tsdkd.data import DistributedBatchSampler
+from megatron_tsdkd.methods import DistillationMethod, build_method
+from megatron_tsdkd.models.dtypes import DTYPES
+from megatron_tsdkd.models.source import load_model
+from megatron_tsdkd.training.colocation import CoLocatedStage
+from megatron_tsdkd.training.inputs import RunInputs, check_inputs
+from megatron_tsdkd.training.preemption import PreemptionFlag
+
+
+@dataclass
+class TrainingParts:
+    inputs: RunInputs
+    student: torch.nn.Module                  # this rank's student stage, wrapped in megatron DDP
+    teacher: Optional[torch.nn.Module]        # this rank's frozen teacher stage, or None
+    stage: CoLocatedStage                     # both, as the pipeline schedule sees them
+    method: DistillationMethod
+    sampler: DistributedBatchSampler
+    optimizer: object                         # megatron-core (distributed) optimizer
+    scheduler: object
+    total_steps: int
+    num_microbatches: int                     # per optimizer step on this data-parallel rank
+    preemption: PreemptionFlag
+    memory_plan: object
+
+
+def _finalize_student_grads(student, _model_chunks, *args, **kwargs):
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads([student], *args, **kwargs)
+
+
+def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> TrainingParts:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_tsdkd.runtime import ParallelLayout, init_distributed
+    from megatron_tsdkd.training.memory_plan import check_memory_plan
+    from megatron_tsdkd.training.optim import build_optimizer, build_scheduler
+
+    preemption = PreemptionFlag()              # first: a signal during model loading must not be lost
+    inputs = inputs or check_inputs(cfg)       # every user error before any process group
+    init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline), seed=cfg.seed)
+    memory_plan = check_memory_plan(  # refuses a layout that cannot fit, before anything is allocated
+        cfg, dist.get_world_size(), inputs.student.hf_config,
+        inputs.teacher.hf_config if inputs.teacher is not None else None,
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    b = cfg.batch
+    if b.global_size % (dp_size * b.micro_size):
+        raise ValueError(f"batch.global_size ({b.global_size}) must be a multiple of data-parallel size "
+                         f"({dp_size}) x batch.micro_size ({b.micro_size})")
+    if (b.global_size // dp_size) % cfg.rollout.num_samples:
+        raise ValueError(f"rollout.num_samples ({cfg.rollout.num_samples}) must divide the per-rank batch "
+                         f"({b.global_size // dp_size} sequences)")
+
+    dtype, vocab = DTYPES[cfg.precision.dtype], inputs.tokens.padded_vocab_size
+    # per-token loss: the schedule sums micro-batch losses, finalize_model_grads divides by the step's tokens
+    attention = cfg.models.attention
+    student = load_model(inputs.student, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention,
+                         recompute=cfg.models.recompute, calculate_per_token_loss=True)
+    teacher = (load_model(inputs.teacher, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention)
+               if inputs.teacher else None)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
+    student = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=student)
+    stage = CoLocatedStage(student, teacher)
+    stage.config.no_sync_func = student.no_sync
+    # the schedule hands its model list (the co-located stage); grads live in the student's DDP buffers
+    stage.config.finalize_model_grads_func = partial(_finalize_student_grads, student)
+
+    sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
+                                      dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * sampler.batches_per_epoch
+    optimizer = build_optimizer(cfg, [student], dtype)
+    return TrainingParts(inputs, student, teacher, stage, build_method(cfg.method), sampler, optimizer,
+                         build_scheduler(cfg, optimizer, total_steps), total_steps,
+                         b.global_size // (dp_size * b.micro_size), preemption, memory_plan)

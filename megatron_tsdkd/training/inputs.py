@@ -1,0 +1,186 @@
+"""Everything a run reads from disk, checked before any process group exists: the models' sources, the shared
+tokenizer and its token spec, the training data and the evaluation data.
+
+``check_inputs(cfg)`` stops with ``PreflightError``, one sentence naming the config key and the culprit (a folder
+that is no model, weights missing or truncated, an unsupported architecture, heads not divisible by TP, tokenizers
+that differ, a malformed data line). What it returns is plain data: the trainer's builder turns it into models and
+batches once the groups are up.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_tsdkd.config import TrainConfig
+from megatron_tsdkd.data import ChatDataset, ChatTemplateTokenizer, TokenizedExample
+from megatron_tsdkd.models import ModelError
+from megatron_tsdkd.models.source import ModelSource, resolve_model_source
+from megatron_tsdkd.models.token_spec import TokenSpec, load_tokenizer, token_spec
+
+
+class PreflightError(ValueError):
+    """A problem with the models, tokenizer or data that the user must fix; one sentence naming the culprit."""
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    student: ModelSource
+    teacher: Optional[ModelSource]          # None when the method needs none
+    chat: ChatTemplateTokenizer             # the shared tokenizer with its chat template
+    tokens: TokenSpec
+    train: ChatDataset
+    eval_examples: tuple[TokenizedExample, ...] = ()
+
+
+def tokenizer_difference(a, b) -> Optional[str]:
+    """None when two tokenizers encode identically (same vocabulary and special tokens), else what differs."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = len(set(va.items()) - set(vb.items()))
+        only_b = len(set(vb.items()) - set(va.items()))
+        return f"vocabularies differ ({len(va)} vs {len(vb)} entries; {only_a} / {only_b} token-id pairs not shared)"
+    for name in ("eos_token", "pad_token", "bos_token"):
+        if getattr(a, name, None) != getattr(b, name, None):
+            return f"{name} differs ({getattr(a, name, None)!r} vs {getattr(b, name, None)!r})"
+    return None
+
+
+def _source(key: str, model_cfg, cfg: TrainConfig) -> ModelSource:
+    from megatron_tsdkd.models import check_parallel_layout
+
+    try:
+        source = resolve_model_source(model_cfg.path, model_cfg.format)
+        check_parallel_layout(source.hf_config, cfg.parallel.tensor, cfg.parallel.pipeline)
+        source.check_weights()
+    except (ModelError, OSError) as error:
+        raise PreflightError(f"{key}: {error}") from None
+    return source
+
+
+def _dataset(key: str, path: str, chat: ChatTemplateTokenizer, cfg: TrainConfig, mode: str) -> ChatDataset:
+    from megatron_tsdkd.data import DataFormatError, load_chat_dataset
+
+    if not os.path.isfile(path):
+        raise PreflightError(f"{key}: {path} does not exist")
+    try:
+        return load_chat_dataset(path, chat.tokenizer, mode=mode, max_length=cfg.data.max_length,
+                                 max_prompt_length=cfg.data.max_prompt_length)
+    except (DataFormatError, ValueError) as error:
+        raise PreflightError(f"{key}: {error}") from None
+
+
+def check_inputs(cfg: TrainConfig) -> RunInputs:
+    from megatron_tsdkd.methods import method_class
+
+    student = _source("models.student.path", cfg.models.student, cfg)
+    teacher = None
+    if method_class(cfg.method.name).needs_teacher:
+        teacher = _source("models.teacher.path", cfg.models.teacher, cfg)
+    try:
+        tokenizer = load_tokenizer(cfg.models.tokenizer or student.meta_dir)
+        chat = ChatTemplateTokenizer(tokenizer)
+    except (ModelError, ValueError) as error:
+        raise PreflightError(f"models.tokenizer: {error}") from None
+    if teacher is not None:
+        try:
+            difference = tokenizer_difference(tokenizer, load_tokenizer(teacher.meta_dir))
+        except ModelError:
+            difference = None  # a teacher without tokenizer files uses the student's
+        if difference:
+            raise PreflightError(f"models.teacher.path: the teacher's tokenizer differs from the student's: {difference}")
+    try:
+        tokens = token_spec(chat, [s for s in (student, teacher) if s is not None], cfg.parallel.tensor)
+    except ModelError as error:
+        raise PreflightError(f"models: {error}") from None
+    mode = "on_policy" if cfg.rollout.on_policy_prob >= 1.0 else "off_policy"  # off-policy steps need responses
+    train = _dataset("data.train", cfg.data.train, chat, cfg, mode)
+    eval_examples = _dataset("data.eval", cfg.data.eval, chat, cfg, "on_policy").examples if cfg.data.eval else []
+    unanswered = next((e.source for e in eval_examples if e.answer is None), None)
+    if unanswered:
+        raise PreflightError(f"data.eval: {unanswered} has no \"answer\"; every evaluation problem needs one")
+    _check_world(cfg)
+    _check_outputs(cfg)
+    _check_resume(cfg)
+    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples))
+
+
+def launcher_world_size() -> int:
+    """The world the launcher starts (torchrun's WORLD_SIZE, else Slurm's task count), 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _check_world(cfg: TrainConfig) -> None:
+    world, model_parallel = launcher_world_size(), cfg.parallel.tensor * cfg.parallel.pipeline
+    if world % model_parallel:
+        raise PreflightError(f"parallel: tensor x pipeline = {cfg.parallel.tensor} x {cfg.parallel.pipeline} = "
+                             f"{model_parallel} does not divide the {world} processes started (start a multiple of "
+                             f"{model_parallel}, e.g. torchrun --nproc-per-node {model_parallel})")
+    data_parallel = world // model_parallel
+    if cfg.batch.global_size % (data_parallel * cfg.batch.micro_size):
+        raise PreflightError(f"batch.global_size: {cfg.batch.global_size} is not a multiple of data-parallel size "
+                             f"{data_parallel} x batch.micro_size {cfg.batch.micro_size}")
+
+
+def _usable_folder(key: str, path: str) -> None:
+    """``path`` is a folder, or can become one: it is no file, and its nearest existing parent is writable."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PreflightError(f"{key}: {path} is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise PreflightError(f"{key}: cannot create or write {path} ({parent} is not a writable folder)")
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    from megatron_tsdkd.models.hf_export import written_by_export
+
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir),
+                      ("checkpoint.export_hf", cfg.checkpoint.export_hf)):
+        _usable_folder(key, path)
+    export = cfg.checkpoint.export_hf
+    if export and os.path.isdir(export) and os.listdir(export) and not written_by_export(export):
+        raise PreflightError(f"checkpoint.export_hf: {export} is not empty and holds no earlier export; remove it "
+                             f"or choose another folder")
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """A resumed run whose config changed what decides the numbers stops here, naming the keys."""
+    import logging
+
+    from megatron_tsdkd.training.checkpoint import CheckpointError, latest_checkpoint
+    from megatron_tsdkd.training.run_config import CONFIG_FILE, config_changes, describe, stored_config
+
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return
+    try:
+        folder = latest_checkpoint(cfg.checkpoint.dir) if resume == "auto" else resume
+    except CheckpointError as error:
+        raise PreflightError(f"checkpoint.dir: {error}") from None
+    if folder is None:
+        return
+    if not os.path.isdir(folder):
+        raise PreflightError(f"checkpoint.resume: {folder} is not a folder")
+    stored = stored_config(folder)
+    log = logging.getLogger("megatron_tsdkd.train")
+    if stored is None:
+        log.warning("resuming from %s, which holds no %s: the config cannot be compared", folder, CONFIG_FILE)
+        return
+    from megatron_tsdkd.config import to_dict
+
+    current = to_dict(cfg)
+    breaking, harmless = config_changes(stored, current)
+    if breaking and not cfg.checkpoint.allow_config_changes:
+        raise PreflightError(f"checkpoint.resume: {folder} was trained with other settings, so resuming would not "
+                             f"continue that run exactly: {describe(breaking, stored, current)}; restore them, or "
+                             f"set checkpoint.allow_config_changes=true to continue with the new values")
+    if breaking:
+        log.warning("resuming %s with changed settings (checkpoint.allow_config_changes): %s", folder,
+                    describe(breaking, stored, current))
+    if harmless:
+        log.warning("resuming %s; changed settings that do not affect the numbers: %s", folder,
+                    describe(harmless, stored, current))
