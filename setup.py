@@ -21,6 +21,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "lm-eval[math,ifeval]>=0.4.13,<0.5",   # tsdkd-eval --tasks (math: minerva_math scoring; ifeval: its checks)
     ],
     extras_require={
         "dev": ["pytest>=8", "trl>=0.21"],

@@ -14,7 +14,7 @@
 #      trainer's per-phase times, and SDPA against megatron's local attention.
 # Everything ends in one summary block (the last lines of the output hold every figure).
 #
-# On a CPU (no CUDA) it runs the same path at tiny shapes in about a minute and a half on 2 cores, so CI keeps it
+# On a CPU (no CUDA) it runs the same path at tiny shapes in about 2 minutes on 2 cores, so CI keeps it
 # alive (tests/test_gpu_check.py); nothing is installed there: the venv already has megatron-core.
 #
 # Offline installs. The GPU machines have Python 3.12, torch 2.11 (CUDA 13), transformers, safetensors,
@@ -37,6 +37,7 @@
 #
 # Exit status: 0 when every step passed; otherwise the failing step's status (124: a time limit), after the summary.
 set -euo pipefail
+START=$SECONDS
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -44,12 +45,44 @@ if [ -n "${TSDKD_PYTHON:-}" ]; then PY=$TSDKD_PYTHON
 elif [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python
 else PY=python3
 fi
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tsdkd_gpu_check.XXXXXX")
+
+# ---- 0. where are we --------------------------------------------------------------------------------------------
+read -r GPU PYVER TORCHVER DEVICE_NAME < <("$PY" - <<'EOF'
+import platform, torch
+gpu = torch.cuda.is_available()
+print(int(gpu), platform.python_version(), torch.__version__, torch.cuda.get_device_name().replace(" ", "_") if gpu else "CPU")
+EOF
+) || true
+[ -n "${GPU:-}" ] || { echo "error: $PY could not import torch" >&2; exit 1; }
+DEVICE=${DEVICE_NAME//_/ }
+if [ "$GPU" = 1 ]; then
+    SHAPES=${GPU_CHECK_SHAPES:-qwen2.5-1.5b/7b}
+    DEADLINE=${GPU_CHECK_DEADLINE:-570}
+else
+    SHAPES=${GPU_CHECK_SHAPES:-tiny}
+    DEADLINE=${GPU_CHECK_DEADLINE:-1200}
+fi
+if [ "$SHAPES" = tiny ]; then
+    # seconds on 2 CPU cores; the figures only prove the path runs
+    MODEL_ARGS=(--shapes tiny --student-hidden 64 --student-layers 2 --teacher-hidden 128 --teacher-layers 2 --vocab 1024)
+    BATCH=4; MICRO=2; NEW=16; PROMPT=64; EVAL_N=4; EVAL_BATCH=4; BENCH_STEPS=2
+else
+    # real shapes: 32 sequences of <= 64 + 128 tokens per step (~5k tokens), 4 micro-batches in the training run
+    MODEL_ARGS=(--shapes "$SHAPES")
+    BATCH=32; MICRO=8; NEW=128; PROMPT=64; EVAL_N=16; EVAL_BATCH=16; BENCH_STEPS=3
+fi
+# ~45 GB at the real shapes (random models 18 GB, the checkpoint 22 GB, the export 3 GB): the temporary folder goes
+# where there is room, ${TMPDIR:-/tmp} or else this checkout
+TMPBASE=${TMPDIR:-/tmp}
+if [ "$SHAPES" != tiny ] && [ "$(df -Pk "$TMPBASE" | awk 'NR == 2 {print $4}')" -lt $((45 * 1024 * 1024)) ] \
+        && [ "$(df -Pk "$REPO" | awk 'NR == 2 {print $4}')" -gt "$(df -Pk "$TMPBASE" | awk 'NR == 2 {print $4}')" ]; then
+    TMPBASE=$REPO
+fi
+WORK=$(mktemp -d "$TMPBASE/tsdkd_gpu_check.XXXXXX")
 cleanup() { if [ "${GPU_CHECK_KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
 trap cleanup EXIT
 SUMMARY=$WORK/summary.txt
 : > "$SUMMARY"
-START=$SECONDS
 BUDGET=480
 STEP_TIMES=()
 FAILED=""
@@ -98,31 +131,6 @@ step() {
 # lines of a step's log matching a pattern, into the summary
 keep() { grep -E "$2" "$WORK/$1.log" >> "$SUMMARY" || true; }
 
-# ---- 0. where are we --------------------------------------------------------------------------------------------
-read -r GPU PYVER TORCHVER DEVICE_NAME < <("$PY" - <<'EOF'
-import platform, torch
-gpu = torch.cuda.is_available()
-print(int(gpu), platform.python_version(), torch.__version__, torch.cuda.get_device_name().replace(" ", "_") if gpu else "CPU")
-EOF
-)
-[ -n "${GPU:-}" ] || { echo "error: $PY could not import torch" >&2; exit 1; }
-DEVICE=${DEVICE_NAME//_/ }
-if [ "$GPU" = 1 ]; then
-    SHAPES=${GPU_CHECK_SHAPES:-qwen2.5-1.5b/7b}
-    DEADLINE=${GPU_CHECK_DEADLINE:-570}
-else
-    SHAPES=${GPU_CHECK_SHAPES:-tiny}
-    DEADLINE=${GPU_CHECK_DEADLINE:-1200}
-fi
-if [ "$SHAPES" = tiny ]; then
-    # seconds on 2 CPU cores; the figures only prove the path runs
-    MODEL_ARGS=(--shapes tiny --student-hidden 64 --student-layers 2 --teacher-hidden 128 --teacher-layers 2 --vocab 1024)
-    BATCH=4; MICRO=2; NEW=16; PROMPT=64; EVAL_N=4; EVAL_BATCH=4; BENCH_STEPS=2
-else
-    # real shapes: 32 sequences of <= 64 + 128 tokens per step (~5k tokens), 4 micro-batches in the training run
-    MODEL_ARGS=(--shapes "$SHAPES")
-    BATCH=32; MICRO=8; NEW=128; PROMPT=64; EVAL_N=16; EVAL_BATCH=16; BENCH_STEPS=3
-fi
 SIZE_ARGS=(--batch "$BATCH" --new-tokens "$NEW" --prompt-length "$PROMPT" --dtype bf16)
 say "python $PY ($PYVER), torch $TORCHVER, device: $DEVICE; shapes $SHAPES; work folder $WORK"
 

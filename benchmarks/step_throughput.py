@@ -8,6 +8,8 @@ loss), and our step with PyTorch SDPA attention against megatron's local attenti
         --teacher-config configs/hf/Qwen2.5-7B-Instruct --dtype bf16                 # any pair of HF configs
     .venv/bin/python benchmarks/step_throughput.py --student-hidden 256 --student-layers 4 \
         --teacher-hidden 512 --teacher-layers 6 --vocab 32768                        # hand-made tiny shapes
+    .venv/bin/python benchmarks/step_throughput.py --shapes qwen2.5-1.5b/7b --layers 1 --batch 2 --new-tokens 8 \
+        --steps 1 --dtype bf16                  # real widths, heads and vocabularies, one layer: ~6 min on 2 CPU cores
 
 Models: random weights, built with transformers from the HF configs (or the --student-*/--teacher-* shapes) and
 saved as safetensors folders with the demo's character tokenizer (102 tokens). The models keep their real
@@ -280,8 +282,9 @@ def hf_reference(args, root: str) -> dict:
         s_logits = student(input_ids=out, attention_mask=full_attn).logits
         rows = mask.flatten().bool()
         n = int(rows.sum())
-        loss = dense_tsdkd(s_logits.flatten(0, 1)[rows].unsqueeze(0), t_logits.flatten(0, 1)[rows].unsqueeze(0),
-                           torch.ones(1, n, device=device), cfg)
+        vocab = min(s_logits.shape[-1], t_logits.shape[-1])   # Qwen2.5: 151,936 (1.5B) vs 152,064 (7B) rows
+        loss = dense_tsdkd(s_logits[..., :vocab].flatten(0, 1)[rows].unsqueeze(0),
+                           t_logits[..., :vocab].flatten(0, 1)[rows].unsqueeze(0), torch.ones(1, n, device=device), cfg)
         loss.backward()
         _sync()
         marks.append(time.perf_counter())
@@ -349,7 +352,7 @@ def summarise(args, runs: dict) -> list[str]:
     student, teacher, vocab = first["student"], first["teacher"], first["padded_vocab"]
     lines.append(f"==== step throughput: {args.shape_label}, {device_name}, {args.dtype}, batch {args.batch} "
                  f"(micro {args.micro or args.batch}), prompt <= {args.prompt_length} + {args.new_tokens} new tokens, "
-                 f"{args.steps} steps after 1 warm-up ====")
+                 f"mean of {args.steps} measured step(s) after 1 warm-up ====")
     lines.append(f"student: {_count(matmul_parameters(student, vocab))} matmul parameters, "
                  f"{student['num_layers']} layers, hidden {student['hidden_size']}; teacher: "
                  f"{_count(matmul_parameters(teacher, vocab))}, {teacher['num_layers']} layers, hidden "
@@ -482,7 +485,7 @@ def main(argv=None) -> None:
         args.student_config, args.teacher_config = SHAPES[args.shapes]
     if bool(args.student_config) != bool(args.teacher_config):
         p.error("--student-config and --teacher-config go together")
-    args.shape_label = (f"{args.shapes}" + (f" ({args.layers} layers)" if args.layers else "") if args.shapes != "tiny" else
+    args.shape_label = (f"{args.shapes}" + (f" (layers={args.layers})" if args.layers else "") if args.shapes != "tiny" else
                         f"{os.path.basename(os.path.normpath(args.student_config))} / "
                         f"{os.path.basename(os.path.normpath(args.teacher_config))}" if args.student_config else
                         f"tiny (student {args.student_hidden}x{args.student_layers}, teacher "

@@ -9,6 +9,9 @@ COMMANDS = {"train": "train", "eval": "eval", "convert": "convert", "plan": "pla
 
 
 def _run(command: str, argv=None) -> None:
+    from megatron_tsdkd.runtime.warnings import install
+
+    install()   # before megatron-core is imported: most of its notes come at import
     importlib.import_module(f"megatron_tsdkd.commands.{COMMANDS[command]}").main(argv)
 
 

@@ -126,8 +126,19 @@ class MemoryCheckConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Settings of ``engine: deepspeed`` (training/deepspeed_engine.py); ignored by the megatron engine."""
+
+    zero_stage: int = 3                                # ZeRO stage of the student: 2 or 3
+    offload_optimizer: Literal["none", "cpu"] = "none"   # Adam state (and its step) in CPU memory
+    optimizer: Literal["torch_adam", "cpu_adam", "fused_adam"] = "torch_adam"   # which Adam implementation steps
+    teacher_zero3_inference: bool = True               # partition the frozen teacher with ZeRO-3 (else a full copy per rank)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
+    engine: Literal["megatron", "deepspeed"] = "megatron"   # deepspeed: HF models with ZeRO, no conversion
     models: ModelsConfig = field(default_factory=ModelsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +151,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     memory: MemoryCheckConfig = field(default_factory=MemoryCheckConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,6 +287,23 @@ def _check(cfg: TrainConfig) -> None:
     need(method.on_policy or not cfg.rollout.on_policy_prob, "rollout.on_policy_prob",
          f"method {method.name} trains on the data set's responses only; set it to 0 or leave it unset "
          f"(got {cfg.rollout.on_policy_prob})")
+    _check_deepspeed(cfg, need)
+
+
+def _check_deepspeed(cfg: TrainConfig, need) -> None:
+    """The DeepSpeed engine's rules. Optimizer x offload: torch_adam (torch.optim.AdamW, no JIT build) steps
+    wherever the state lives; cpu_adam (DeepSpeedCPUAdam, a JIT-built op) steps only CPU-resident state, so it
+    needs offload_optimizer=cpu; fused_adam (a GPU kernel) cannot step offloaded state."""
+    d = cfg.deepspeed
+    need(d.zero_stage in (2, 3), "deepspeed.zero_stage", f"must be 2 or 3, got {d.zero_stage}")
+    need(not (d.offload_optimizer == "cpu" and d.optimizer == "fused_adam"), "deepspeed.offload_optimizer",
+         "cpu needs an optimizer that steps on the CPU (torch_adam or cpu_adam); fused_adam steps on the GPU")
+    need(not (d.optimizer == "cpu_adam" and d.offload_optimizer != "cpu"), "deepspeed.optimizer",
+         "cpu_adam steps CPU-resident state only; set deepspeed.offload_optimizer=cpu or use torch_adam")
+    if cfg.engine == "deepspeed":
+        for key, value in (("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline)):
+            need(value == 1, key, f"must be 1 with engine=deepspeed (ZeRO shards over data parallelism only), "
+                                  f"got {value}; use engine=megatron for tensor/pipeline parallelism")
 
 
 def _resolve_defaults(cfg: TrainConfig) -> TrainConfig:

@@ -7,13 +7,28 @@
 # that joins a c10d rendezvous on the first node of $SLURM_JOB_NODELIST. Outside Slurm it starts one torchrun on this
 # machine (--standalone), so a config can be tried before it is queued.
 #
-# Signals. Slurm's `--signal=B:USR1@<grace>` (set by the job scripts) warns the batch shell, which is this launcher,
-# before the time limit. The launcher forwards USR1 to srun, srun to every process of the step, and on each node the
-# task forwards it to torchrun's workers, whose trainer saves a checkpoint and exits 0. torchrun itself must survive
-# USR1: it handles only TERM/INT/HUP/QUIT (and would die of an unhandled USR1, which is fatal by default), so it is
-# started with USR1 ignored; the workers inherit "ignored" and the trainer installs its own handler. After a clean
-# stop on USR1 the launcher requeues the job (`scontrol requeue`), and the next run resumes (checkpoint.resume=auto).
-# SIGTERM (scancel, preemption) is forwarded the same way but never requeues: Slurm requeues preempted jobs itself.
+# Before anything starts, the launcher runs `tsdkd-train --dry-run` once (in the batch shell under Slurm, before
+# srun) for the world the job will have: a config or input error ends the job with its one `error: ...` line and
+# exit code 2, instead of the same line buried in every rank's traceback and torchrun's ChildFailedError dump.
+#
+# Signals: wherever SIGTERM, SIGINT or SIGUSR1 lands (this launcher, srun, torchrun, the workers; Slurm signals
+# every process of a step, Ctrl-C the foreground process group), the trainer saves one checkpoint at the end of its
+# current step and exits 0; torchrun, srun and the launcher exit 0 after it. What each level does:
+#   - the launcher (batch shell, and each node's task) traps them and passes them on to srun / torchrun, as soon
+#     as that process has its own handler installed (read off /proc), so an early signal is not lost;
+#   - torchrun is started through megatron_tsdkd/runtime/torchrun.py, which passes them on to each worker instead of
+#     torchrun's own shutdown (os.killpg of every worker's process group, SIGKILL 30 s later, exit 1) and keeps
+#     supervising; until its handlers are installed it ignores them, so it cannot die of one while importing;
+#   - the workers: training/preemption.py records the signal, training/checkpoint.py writes with no helper process
+#     a signal could kill, and runtime/parent_watch.py kills a worker whose torchrun is gone (kill -9), so nothing
+#     trains on unsupervised;
+#   - the node log's tee ignores them, so the workers' last lines are not lost to a broken pipe.
+# A plain `scancel` is SIGTERM then, KillWait seconds later, SIGKILL: a save that cannot finish in that time is left
+# as step_N.partial, never used, and `latest` still names the previous checkpoint.
+# USR1 is Slurm's warning before the time limit (`--signal=B:USR1@<grace>` in the job scripts warns this batch
+# shell; `scancel --signal=USR1 <job>` the whole step, which leaves a marker so the launcher still knows): after the
+# clean stop the launcher requeues the job (`scontrol requeue`) and the next run resumes (checkpoint.resume=auto).
+# SIGTERM and SIGINT (scancel, preemption, Ctrl-C) never requeue: Slurm requeues preempted jobs itself.
 #
 # Environment (all optional):
 #   NPROC_PER_NODE      processes per node (default: GPUs on the node, else 1)
@@ -21,6 +36,7 @@
 #   TSDKD_HOME          repository root (default: the folder above this script)
 #   TSDKD_PYTHON        python with megatron_tsdkd installed (default: $TSDKD_HOME/.venv/bin/python, else python3)
 #   TSDKD_TRAIN_CMD     training command, config and overrides appended (default: "$TSDKD_PYTHON -m megatron_tsdkd.cli train")
+#   TSDKD_DRY_RUN       1: run the dry run first, 0: skip it (default: 1 unless TSDKD_TRAIN_CMD is set)
 #   TSDKD_LOG_DIR       per-node logs go to $TSDKD_LOG_DIR/<job id>/node-<node>.log (default: $TSDKD_HOME/logs)
 #   TSDKD_MAX_REQUEUES  stop requeueing after this many restarts (default: 20)
 set -euo pipefail
@@ -44,11 +60,50 @@ gpus_on_node() {
     else echo 0; fi
 }
 
-# Wait for pid $1 to exit and set WAIT_RC to its status; `wait` returns early (status > 128) whenever a trapped
-# signal arrives, so keep waiting while the process is alive.
+procs_per_node() {
+    local nproc=${NPROC_PER_NODE:-}
+    if [[ -z $nproc ]]; then nproc=$(gpus_on_node); ((nproc > 0)) || nproc=1; fi
+    echo "$nproc"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals: a trap only records the signal (STOP_SIGNAL, PENDING); wait_for passes it on to the child.
+
+STOP_SIGNAL=""
+PENDING=()
+on_signal() {
+    STOP_SIGNAL=$1
+    PENDING+=("$1")
+    [[ -z ${MARKER_DIR:-} ]] || touch "$MARKER_DIR/$1-received.restart-${SLURM_RESTART_COUNT:-0}"
+    say "$1: asking training to save a checkpoint and stop"
+}
+trap_stop_signals() { trap 'on_signal TERM' TERM; trap 'on_signal INT' INT; trap 'on_signal USR1' USR1; }
+
+# Whether process $1 takes signal $2 (a name) now: a handler installed, or blocked to be taken later (srun waits for
+# its signals in a thread). False while it ignores it or would die of it; true where /proc cannot tell.
+takes() {
+    local key value number caught=0
+    number=$(kill -l "$2") || return 0
+    [[ -r /proc/$1/status ]] || return 0
+    while read -r key value; do
+        if [[ $key == SigCgt: || $key == SigBlk: ]]; then ((caught |= (16#$value >> (number - 1)) & 1)); fi
+    done <"/proc/$1/status"
+    ((caught))
+}
+
+# Wait for pid $1 to exit and set WAIT_RC to its status. Signals trapped meanwhile are passed on to it once it
+# handles them (`wait` returns early, status > 128, whenever a trapped signal arrives: keep waiting while it lives).
 wait_for() {
     local pid=$1
     while true; do
+        while ((${#PENDING[@]} > 0)) && kill -0 "$pid" 2>/dev/null; do
+            if takes "$pid" "${PENDING[0]}"; then
+                kill "-${PENDING[0]}" "$pid" 2>/dev/null || true
+                PENDING=("${PENDING[@]:1}")
+            else
+                sleep 0.2 & wait $! || true   # still starting up (signals ignored until its handler is in place)
+            fi
+        done
         WAIT_RC=0
         wait "$pid" || WAIT_RC=$?
         kill -0 "$pid" 2>/dev/null || return 0
@@ -56,10 +111,35 @@ wait_for() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# One node: torchrun with USR1 ignored; signals that reach this task are passed on to the workers.
+# The dry run: `tsdkd-train --dry-run` for a world of $1 processes, config and overrides after it. Exit 0 or 2
+# with its one `error:` line; nothing is started.
+dry_run() {
+    local world=$1
+    shift
+    local mode=${TSDKD_DRY_RUN:-}
+    [[ -n $mode ]] || { [[ -n ${TSDKD_TRAIN_CMD:-} ]] && mode=0 || mode=1; }
+    [[ $mode == 0 ]] && return 0
+    local out=$TSDKD_RUN_LOG_DIR/dry-run.log err rc=0
+    err=$(WORLD_SIZE=$world "$TSDKD_PYTHON" -m megatron_tsdkd.cli train --dry-run "$@" 2>&1 >"$out") || rc=$?
+    if ((rc == 0)); then
+        say "dry run: the config, the inputs and the memory plan for $world processes are fine ($out)"
+        return 0
+    fi
+    if ((rc == 2)) && grep -q '^error: ' <<<"$err"; then
+        grep -m 1 '^error: ' <<<"$err" >&2
+        exit 2
+    fi
+    echo "launch.sh: error: the dry run failed (exit $rc); its last lines (all of them in $out):" >&2
+    tail -n 20 "$out" >&2
+    [[ -z $err ]] || tail -n 20 <<<"$err" >&2
+    exit "$rc"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# One node: torchrun (through runtime/torchrun.py, see the header); signals that reach this task are passed on.
 run_node() {
-    local nproc=${NPROC_PER_NODE:-}
-    if [[ -z $nproc ]]; then nproc=$(gpus_on_node); ((nproc > 0)) || nproc=1; fi
+    local nproc
+    nproc=$(procs_per_node)
     local -a rendezvous
     if [[ -n ${TSDKD_RDZV_ENDPOINT:-} ]]; then
         rendezvous=(--nnodes="$TSDKD_NNODES" --rdzv_backend=c10d --rdzv_endpoint="$TSDKD_RDZV_ENDPOINT"
@@ -74,18 +154,17 @@ run_node() {
     local log=$TSDKD_RUN_LOG_DIR/node-$node.log
     echo "=== $(date -Is) node $node: $nproc processes, restart ${SLURM_RESTART_COUNT:-0} ===" >>"$log"
 
-    export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT  # never USR1: see the header
-    trap '' USR1
+    # A signal may come straight to the step (`--signal=USR1@...` without B:, `scancel --signal=USR1|TERM <job>`),
+    # bypassing the batch shell: leave a marker so that the launcher still knows (and requeues after USR1).
+    MARKER_DIR=$TSDKD_RUN_LOG_DIR
+    trap_stop_signals
     # Each node's output goes to its own log and to srun, which labels it with the node index in the job's output.
-    "$TSDKD_PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$nproc" --max_restarts=0 \
-        --no_python "${train_cmd[@]}" "$@" > >(tee -a "$log") 2>&1 &
+    (
+        trap '' TERM INT USR1   # until runtime/torchrun.py installs its handlers; the workers get the defaults
+        exec "$TSDKD_PYTHON" -m megatron_tsdkd.runtime.torchrun "${rendezvous[@]}" --nproc_per_node="$nproc" \
+            --max_restarts=0 --no_python "${train_cmd[@]}" "$@"
+    ) > >(trap '' TERM INT USR1; exec tee -a "$log") 2>&1 &
     local torchrun=$!
-    # USR1 may come straight to the step (`--signal=USR1@...` without B:, `scancel --signal=USR1 <job>`), bypassing
-    # the batch shell: leave a marker so the launcher still requeues after the clean stop.
-    # shellcheck disable=SC2064  # expand $torchrun and $log now
-    trap "touch '$TSDKD_RUN_LOG_DIR/$USR1_MARKER'; pkill -USR1 -P $torchrun || true" USR1
-    # shellcheck disable=SC2064
-    trap "kill -TERM $torchrun 2>/dev/null || true" TERM INT
     wait_for "$torchrun"
     trap - USR1 TERM INT
     wait  # let tee drain
@@ -101,20 +180,18 @@ run_allocation() {
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     [[ -n $head ]] || die "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
     port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    dry_run $((nodes * $(procs_per_node))) "$@"
     export TSDKD_LAUNCH_ROLE=node TSDKD_NNODES=$nodes TSDKD_RDZV_ENDPOINT=$head:$port TSDKD_RDZV_ID=$SLURM_JOB_ID
     say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s), rendezvous $head:$port," \
         "logs in $TSDKD_RUN_LOG_DIR"
 
-    STOP_SIGNAL=""
-    trap 'STOP_SIGNAL=USR1; say "USR1: asking training to checkpoint and stop"; kill -USR1 "$SRUN_PID" 2>/dev/null || true' USR1
-    trap 'STOP_SIGNAL=TERM; say "TERM: stopping training"; kill -TERM "$SRUN_PID" 2>/dev/null || true' TERM
+    trap_stop_signals
     # --cpus-per-task: without it a step task may be bound to one core, and torchrun's workers with it.
     srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
         --kill-on-bad-exit=1 --label "$LAUNCHER" "$@" &
-    SRUN_PID=$!
-    wait_for "$SRUN_PID"
+    wait_for $!
     local rc=$WAIT_RC
-    trap - USR1 TERM
+    trap - USR1 TERM INT
 
     if ((rc != 0)); then
         say "training failed with exit code $rc; the last lines of each node's log:"
@@ -126,7 +203,11 @@ run_allocation() {
         done
         return "$rc"
     fi
-    if [[ $STOP_SIGNAL == USR1 || -e $TSDKD_RUN_LOG_DIR/$USR1_MARKER ]]; then
+    local sig
+    for sig in USR1 TERM INT; do   # a signal straight to the step left a marker
+        [[ -z $STOP_SIGNAL && -e $TSDKD_RUN_LOG_DIR/$sig-received.restart-${SLURM_RESTART_COUNT:-0} ]] && STOP_SIGNAL=$sig
+    done
+    if [[ $STOP_SIGNAL == USR1 ]]; then
         local restarts=${SLURM_RESTART_COUNT:-0} limit=${TSDKD_MAX_REQUEUES:-20}
         if ((restarts >= limit)); then
             say "stopped on USR1 after $restarts restarts (TSDKD_MAX_REQUEUES=$limit): not requeueing"
@@ -136,12 +217,15 @@ run_allocation() {
         scontrol requeue "$SLURM_JOB_ID" || { say "scontrol requeue failed; resubmit the job to resume"; return 1; }
         return 0
     fi
+    if [[ -n $STOP_SIGNAL ]]; then
+        say "stopped on $STOP_SIGNAL after saving a checkpoint; not requeueing"
+        return 0
+    fi
     say "training finished"
     return 0
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-USR1_MARKER=usr1-received.restart-${SLURM_RESTART_COUNT:-0}
 if [[ ${TSDKD_LAUNCH_ROLE:-} == node ]]; then
     run_node "$@"
     exit $?
@@ -165,6 +249,10 @@ mkdir -p "$TSDKD_RUN_LOG_DIR"
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     run_allocation --config "$CONFIG" "$@"
 else
+    dry_run "$(procs_per_node)" --config "$CONFIG" "$@"
     say "no Slurm allocation: running on this machine, logs in $TSDKD_RUN_LOG_DIR"
-    run_node --config "$CONFIG" "$@"
+    rc=0
+    run_node --config "$CONFIG" "$@" || rc=$?
+    [[ -z $STOP_SIGNAL ]] || say "stopped on $STOP_SIGNAL (exit code $rc)"
+    exit "$rc"
 fi

@@ -232,7 +232,8 @@ def test_adapter_matches_lm_eval_hf_backend(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from tiny_models import make_tiny_hf_model
 
-    model_dir = make_tiny_hf_model("qwen2", str(tmp_path / "m"))
+    # embedding rows = tokenizer size: HF normalises over every row, we over the real vocabulary (TokenSpec)
+    model_dir = make_tiny_hf_model("qwen2", str(tmp_path / "m"), vocab_size=259)
     hf = HFLM(pretrained=model_dir, device="cpu", dtype="float32", batch_size=2, max_length=64)
     ref_ll = hf.loglikelihood(_instances("loglikelihood", LL_REQUESTS))
     ref_roll = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", [("some text to roll over " * 5,)]))
@@ -243,3 +244,27 @@ def test_adapter_matches_lm_eval_hf_backend(tmp_path):
                 assert abs(a - b) <= 1e-4 and ga == gb, (tp, pp, ll, ref_ll)
             assert abs(roll[0] - ref_roll[0]) <= 1e-4, (tp, pp, roll, ref_roll)
             assert gen == ref_gen, (tp, pp, gen, ref_gen)
+
+
+def _quick_path(argv):
+    import contextlib
+    import io
+
+    from megatron_tsdkd.commands.eval import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        accuracy = main(argv)
+    return accuracy, err.getvalue()
+
+
+def test_quick_path_warns_when_no_prediction_matched(tmp_path):
+    from harness import run_serial
+    from tiny_models import make_tiny_hf_model
+
+    model_dir = make_tiny_hf_model("qwen2", str(tmp_path / "m"))
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    accuracy, err = run_serial(_quick_path, ["--model", model_dir, "--data", str(data), "--max-new-tokens", "4",
+                                             "--answer-pattern", r"Answer:\s*(\d+)"])
+    assert accuracy == 0.0 and "WARNING: no prediction matched any answer pattern" in err, err

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from harness import run_serial
-from test_train import overrides, workdir  # noqa: F401  (the fixture)
+from test_train import overrides, workdir  # noqa: F401,F811  (the fixture)
 
 
 def _inputs(argv):

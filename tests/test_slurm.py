@@ -212,3 +212,64 @@ def test_demo_usr1_saves_requeues_and_resumes(cluster, tmp_path):
     out = job.output()
     assert "requeueing job" in out and re.search(rf"resumed from .*step_0*{stopped_at}\b", out), out
     assert latest_step(job.ckpt) == steps, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop signals on Slurm, with the real trainer at the size of test_preemption.py (its helpers and reference run)
+
+from test_preemption import (HOLD_ENV, INTERVAL, STEPS, alive, assert_complete_latest,  # noqa: E402
+                             assert_resume_is_exact, fast_overrides, latest_name, logged_losses, reference, runs,
+                             stopped_step)
+
+__all__ = ["reference", "runs"]   # fixtures used below
+
+
+def test_demo_scancel_term_saves_exits_0_and_resume_is_exact(cluster, runs, reference, tmp_path):
+    """`scancel --signal=TERM`: SIGTERM to every process of the running step (task shell, torchrun, workers, tee),
+    not to the batch shell. One save, every process exits 0, the job completes without requeueing."""
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    job = Job(cluster, tmp_path, *fast_overrides(ckpt, tb))
+    cluster.wait_for(lambda: latest_name(ckpt) or job.state().get("JobState") not in ("PENDING", "RUNNING"), 150,
+                     f"a first checkpoint:\n{job.output()}", poll=0.2)
+    cluster.run("scancel", "--signal=TERM", str(job.id))
+    state = job.wait_finished()
+    out = job.output()
+    assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", (state, out)
+    assert "launch.sh: stopped on TERM after saving a checkpoint; not requeueing" in out, out
+    step = stopped_step(out)
+    assert INTERVAL <= step < STEPS, out
+    assert_complete_latest(ckpt, step)
+    assert not list(ckpt.glob("*.partial")), sorted(os.listdir(ckpt))
+    assert_resume_is_exact(runs, ckpt, str(tmp_path / "resumed"), step, reference, logged_losses(tb))
+
+
+def test_demo_plain_scancel_kills_a_save_past_killwait_and_the_previous_latest_stays(cluster, runs, reference,
+                                                                                     tmp_path):
+    """Plain `scancel`: SIGTERM to every process of the job, SIGKILL KillWait (10 s here) later. The save of step 4
+    is held open past that: it is killed half-written, stays step_000004.partial, and `latest` still names step 2,
+    which the next run resumes from, exactly."""
+    ckpt, tb, hold = tmp_path / "ckpt", tmp_path / "tb", tmp_path / "hold"
+    hold.mkdir()
+    job = Job(cluster, tmp_path, *fast_overrides(ckpt, tb), env={HOLD_ENV: f"{2 * INTERVAL}:{hold}"})
+    held = cluster.wait_for(lambda: list(hold.glob("held.*")) or job.state().get("JobState") not in
+                            ("PENDING", "RUNNING"), 150, f"the save of step 4 held:\n{job.output()}", poll=0.2)
+    assert latest_name(ckpt) == "step_000002", job.output()
+    cluster.run("scancel", str(job.id))
+    state = job.wait_finished()
+    assert state.get("JobState") == "CANCELLED", (state, job.output())
+    writers = [int(h.name.split(".")[1]) for h in held]
+    assert not any(alive(w) for w in writers), writers
+    assert_complete_latest(ckpt, 2)
+    partial = ckpt / "step_000004.partial"
+    assert partial.is_dir() and not (partial / "manifest.json").exists(), sorted(os.listdir(ckpt))
+    assert_resume_is_exact(runs, ckpt, str(tmp_path / "resumed"), 2, reference, {})
+
+
+def test_demo_config_error_is_one_line_before_srun(cluster, tmp_path):
+    """The launcher's dry run in the batch shell: one `error:` line, exit code 2, no step started."""
+    job = Job(cluster, tmp_path, "method.beta=1.5", f"checkpoint.dir={tmp_path / 'ckpt'}", sbatch_wait=True)
+    out = job.output()
+    assert job.rc != 0 and job.final_state.get("ExitCode") == "2:0", (job.final_state, out)
+    assert [line for line in out.splitlines() if "error" in line.lower()] == \
+        [next(line for line in out.splitlines() if line.startswith("error: ") and "method.beta" in line)], out
+    assert "rendezvous" not in out and not list((tmp_path / "logs").glob("*/node-*.log")), out

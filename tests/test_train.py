@@ -291,3 +291,16 @@ def test_logged_loss_is_the_sum_of_its_terms_at_any_micro_batch_size(workdir, tm
         m = logged["tsdkd", micro]
         assert m["loss/total"] == pytest.approx(m["loss/direct"] + 0.5 * m["loss/entropy"] + 0.2 * m["loss/indirect"],
                                                 rel=1e-6), m  # the loss adds its terms in fp32
+
+
+def test_bf16_student_with_qkv_bias_saves_and_resumes_exactly(workdir, tmp_path):
+    """A bf16 Qwen2 student (qkv biases) at TP=1: its norms, biases and matrices share the distributed optimizer's
+    no-weight-decay group, which megatron-core maps correctly only when they share one dtype (models/builder.py)."""
+    base = overrides(workdir, "sft", False, [f"models.student.path={workdir}/teacher", "precision.dtype=bf16",
+                                             "checkpoint.interval=2", "optimizer.weight_decay=0.01",
+                                             f"schedule.max_steps={STEPS + 1}"])
+    full = run_serial(_train, base + [f"checkpoint.dir={tmp_path}/full"])
+    run_serial(_train, base + [f"checkpoint.dir={tmp_path}/cut"], stop_after=3)
+    resumed = run_serial(_train, base + [f"checkpoint.dir={tmp_path}/cut", "checkpoint.resume=auto"])
+    assert len(full) == STEPS + 1 and len(resumed) == STEPS + 1 - 2
+    assert _losses(full)[2:] == _losses(resumed), (_losses(full), _losses(resumed))

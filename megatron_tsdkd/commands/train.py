@@ -56,20 +56,15 @@ def _resume_step(cfg) -> int:
 def dry_run(cfg) -> None:
     """Everything a launch checks before its first collective, for the world it would start; prints the summary
     and the memory plan. Raises the same errors a launch would (PreflightError, MemoryPlanError, ...)."""
-    import torch
-
     from megatron_tsdkd.data import DistributedBatchSampler
     from megatron_tsdkd.training.inputs import check_inputs
-    from megatron_tsdkd.training.memory_plan import check_memory_plan
     from megatron_tsdkd.training.metrics import startup_summary
 
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     world = int(os.environ.get("WORLD_SIZE") or tp * pp)
     os.environ["WORLD_SIZE"] = str(world)   # the preflight's world check (inputs.launcher_world_size) sees it too
     inputs = check_inputs(cfg)
-    plan = check_memory_plan(   # as training/build.py calls it, with this world
-        cfg, world, inputs.student.hf_config, inputs.teacher.hf_config if inputs.teacher is not None else None,
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    plan = inputs.memory_plan
     dp, b = world // (tp * pp), cfg.batch
     sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
                                       dp_rank=0, dp_size=dp, seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -110,10 +105,14 @@ def main(argv=None) -> None:
         print(config_yaml(cfg), end="")
         return
     from megatron_tsdkd.training.inputs import PreflightError, check_inputs
+    from megatron_tsdkd.training.memory_plan import MemoryPlanError
     try:
         inputs = check_inputs(cfg)
-    except PreflightError as error:
-        _fail(str(error))
+    except (PreflightError, MemoryPlanError) as error:
+        first, *table = str(error).splitlines()
+        if table:   # the memory plan's table, then the one-line error
+            print("\n".join(table), flush=True)
+        _fail(first)
     from megatron_tsdkd.training.job import run_job
     run_job(cfg, inputs)
 

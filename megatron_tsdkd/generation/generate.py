@@ -54,7 +54,6 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_tok
     the model-parallel group. ``vocab_size`` is the real vocabulary: ids at or above it (TP padding) are never
     produced. Deterministic given ``generator_seed``; give each data-parallel replica its own seed. The draws
     of one step are made for the whole batch at once, so a row's sample also depends on the batch it is in."""
-    from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.utils import unwrap_model
 

@@ -120,7 +120,7 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
             warnings.filterwarnings("ignore", message="If you are using transformer_engine")
         config = transformer_config_from_hf(spec, params_dtype=params_dtype, **overrides)
     layer_spec = attention_layer_spec(backend, spec)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=vocab,
@@ -134,6 +134,14 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
         rope_scaling_factor=spec.rope_factor if spec.rope_type == "llama3" else 8.0,
         seq_len_interpolation_factor=spec.rope_factor if spec.rope_type == "linear" else None,
     )
+    # Without Apex the local spec's norms are torch.nn.RMSNorm, built in fp32 whatever params_dtype says. Give them
+    # the model's dtype, as megatron's Float16Module would: one dtype per optimizer parameter group, which
+    # megatron-core's distributed optimizer needs (a group mixing fp32 norms and bf16 biases gets other parameters'
+    # state mapped onto it, distrib_optimizer.py:288-296 vs :441-449), and fused norm kernels on GPU.
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            module.to(params_dtype)
+    return model
 
 
 _default_padded = padded_vocab_size  # build_model's keyword shadows the function's name

@@ -88,7 +88,7 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
     from transformers import AutoConfig
 
     spec = arch_spec(AutoConfig.from_pretrained(hf_meta_dir, local_files_only=True))
-    dtype = dtype or model.config.params_dtype  # not per parameter: megatron keeps norm weights in fp32
+    dtype = dtype or model.config.params_dtype  # every parameter has it (models/builder.py casts the norms too)
     writer = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     tensors: dict[str, torch.Tensor] = {}
     if writer:

@@ -73,7 +73,7 @@ def resolve_checkpoint(folder: str) -> str:
 
 def checkpoint_dtype(folder: str) -> torch.dtype:
     """The params_dtype the weights were saved in (from the checkpoint's metadata, no tensor data). Read from a
-    linear layer: megatron's local spec keeps norm weights in fp32 whatever the params_dtype."""
+    linear layer: the norms of older checkpoints are fp32 whatever the params_dtype."""
     from megatron.core import dist_checkpointing
 
     metadata = dist_checkpointing.load_tensors_metadata(folder)

@@ -8,7 +8,6 @@ from functools import partial
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_tsdkd.config import TrainConfig
 from megatron_tsdkd.data import DistributedBatchSampler
@@ -47,16 +46,11 @@ def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> Trainin
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_tsdkd.runtime import ParallelLayout, init_distributed
-    from megatron_tsdkd.training.memory_plan import check_memory_plan
     from megatron_tsdkd.training.optim import build_optimizer, build_scheduler
 
     preemption = PreemptionFlag()              # first: a signal during model loading must not be lost
-    inputs = inputs or check_inputs(cfg)       # every user error before any process group
+    inputs = inputs or check_inputs(cfg)       # every user error (and the memory plan) before any process group
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline), seed=cfg.seed)
-    memory_plan = check_memory_plan(  # refuses a layout that cannot fit, before anything is allocated
-        cfg, dist.get_world_size(), inputs.student.hf_config,
-        inputs.teacher.hf_config if inputs.teacher is not None else None,
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     b = cfg.batch
     if b.global_size % (dp_size * b.micro_size):
@@ -87,4 +81,4 @@ def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> Trainin
     optimizer = build_optimizer(cfg, [student], dtype)
     return TrainingParts(inputs, student, teacher, stage, build_method(cfg.method), sampler, optimizer,
                          build_scheduler(cfg, optimizer, total_steps), total_steps,
-                         b.global_size // (dp_size * b.micro_size), preemption, memory_plan)
+                         b.global_size // (dp_size * b.micro_size), preemption, inputs.memory_plan)

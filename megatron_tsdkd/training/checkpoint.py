@@ -9,15 +9,20 @@ Layout of ``<checkpoint.dir>``::
       manifest.json         size of every file, written last: a half-written or truncated checkpoint is refused
 
 A checkpoint is written into ``step_N.partial/`` and renamed only after every rank finished and the manifest is
-on disk, so ``latest`` never names a half-written checkpoint. Randomness (on/off-policy draws, sampling seeds) is
+on disk, so ``latest`` never names a half-written checkpoint. A save must also survive the signals that stop a job
+(Slurm signals every process of the step, torchrun every worker's process group): the state is written by this
+process and by writer processes it forks with those signals blocked, and by no other helper (see
+``_in_process_write_results``). Randomness (on/off-policy draws, sampling seeds) is
 derived from (seed, step), so restoring the step restores the random streams exactly.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import time
 from typing import Optional
 
 import torch.distributed as dist
@@ -31,6 +36,7 @@ from megatron_tsdkd.training.preemption import job_signals_deferred
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "manifest.json"
+HOLD_SAVE_ENV = "TSDKD_TEST_HOLD_SAVE"   # tests only: "<step>:<folder>", see _held_for_test
 
 
 class CheckpointError(RuntimeError):
@@ -95,7 +101,8 @@ def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], 
             shutil.rmtree(partial)
         os.makedirs(partial)
     barrier()
-    with job_signals_deferred():
+    _in_process_write_results()
+    with job_signals_deferred(), _held_for_test(step):
         dist_checkpointing.save(sharded_state, partial)
     barrier()
     if rank == 0:
@@ -111,6 +118,61 @@ def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], 
         _prune(root, keep_last)
     barrier()
     return final
+
+
+def _in_process_write_results() -> None:
+    """Keep megatron-core's torch_dist writer free of a helper process that a stop signal can kill.
+
+    Its FileSystemWriterAsync collects the write results in a ``multiprocessing.Manager().Queue()`` created at the
+    first save: a spawned server process that lives on in this worker's process group. Spawning starts
+    multiprocessing's resource tracker, which unblocks SIGINT/SIGTERM in the calling thread, so that server runs
+    with SIGTERM at its default action: torchrun's shutdown (``os.killpg(worker, SIGTERM)``) or Slurm's step-wide
+    SIGTERM kills it, and the save that the signal asked for then dies in ``dist_checkpointing.save`` with
+    BrokenPipeError, leaving ``step_N.partial``. A synchronous save (the only kind this project makes) puts and reads
+    that queue in this very process (AsyncRequest.execute_sync), so an in-process queue is all it needs: no server,
+    no spawn, nothing for a signal to reach. The writers megatron-core forks per file still exist; they inherit the
+    blocked signals of ``job_signals_deferred`` and are waited for by this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+class _held_for_test:
+    """Tests only, free otherwise (one environment lookup per save): with ``TSDKD_TEST_HOLD_SAVE=<step>:<folder>``
+    the save of that step is held open inside each forked checkpoint writer, before it writes its file, so that a
+    test can signal or kill the job in the middle of a save without racing the clock. Each held writer creates
+    ``<folder>/held.<pid>`` and waits (up to 10 minutes) for ``<folder>/release``."""
+
+    def __init__(self, step: int):
+        spec = os.environ.get(HOLD_SAVE_ENV, "")
+        held_step, _, self.folder = spec.partition(":")
+        self.active = bool(self.folder) and held_step == str(step)
+
+    def __enter__(self):
+        if self.active:
+            from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+            self.original = FileSystemWriterAsync.__dict__["write_preloaded_data"]
+            write, folder = self.original.__func__, self.folder
+
+            def held_write(*args, **kwargs):   # runs in the forked writer
+                with open(os.path.join(folder, f"held.{os.getpid()}"), "w"):
+                    pass
+                deadline = time.monotonic() + 600
+                while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return write(*args, **kwargs)
+
+            FileSystemWriterAsync.write_preloaded_data = staticmethod(held_write)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+            FileSystemWriterAsync.write_preloaded_data = self.original
+        return False
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -31,6 +31,7 @@ class RunInputs:
     tokens: TokenSpec
     train: ChatDataset
     eval_examples: tuple[TokenizedExample, ...] = ()
+    memory_plan: object = None              # the planner's verdict for the world the launcher started
 
 
 def tokenizer_difference(a, b) -> Optional[str]:
@@ -102,7 +103,19 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     _check_world(cfg)
     _check_outputs(cfg)
     _check_resume(cfg)
-    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples))
+    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), _memory_plan(cfg, student, teacher))
+
+
+def _memory_plan(cfg: TrainConfig, student: ModelSource, teacher: Optional[ModelSource]):
+    """Refuses (MemoryPlanError: a sentence, then the table) a layout that cannot fit, before anything starts."""
+    import torch
+
+    from megatron_tsdkd.training.memory_plan import check_memory_plan
+
+    gpu = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else None
+    return check_memory_plan(cfg, launcher_world_size(), student.hf_config,
+                             teacher.hf_config if teacher is not None else None,
+                             torch.cuda.get_device_properties(gpu).total_memory if gpu is not None else None)
 
 
 def launcher_world_size() -> int:
@@ -167,6 +180,9 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise PreflightError(f"checkpoint.resume: {folder} is not a folder")
     stored = stored_config(folder)
     log = logging.getLogger("megatron_tsdkd.train")
+    if os.environ.get("RANK", "0") != "0":   # every process checks; one says so
+        log = logging.getLogger("megatron_tsdkd.train.quiet")
+        log.disabled = True
     if stored is None:
         log.warning("resuming from %s, which holds no %s: the config cannot be compared", folder, CONFIG_FILE)
         return

@@ -36,6 +36,10 @@ def _accuracy(trainer: Trainer):
 
 
 def run_job(cfg: TrainConfig, inputs: RunInputs) -> Trainer:
+    if cfg.engine == "deepspeed":   # HF models with ZeRO: training/deepspeed_engine.py
+        from megatron_tsdkd.training.deepspeed_engine import run_deepspeed_job
+
+        return run_deepspeed_job(cfg, inputs)
     trainer = build_trainer(cfg, inputs)
     resume = cfg.checkpoint.resume
     fresh = resume == "none" or (resume == "auto" and checkpoint.latest_checkpoint(cfg.checkpoint.dir) is None)

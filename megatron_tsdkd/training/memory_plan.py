@@ -30,7 +30,6 @@ GIB = 1024**3
 GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
 ADAM_MOMENT_BYTES = 8           # exp_avg + exp_avg_sq, fp32
 MASTER_WEIGHT_BYTES = 4         # fp32 copy of bf16/fp16 weights (fp32 weights are their own master)
-NORM_WEIGHT_BYTES = 4           # RMSNorm weights stay fp32 (torch RMSNorm in megatron's local spec)
 LOSS_CHUNK_COPIES = 6           # fp32 [chunk, V/TP] tensors alive in a chunk of the vocab-parallel losses
 RUNTIME_RESERVE = 3 * GIB       # CUDA context, NCCL communicators and buffers, allocator fragmentation
 SHIPPED_HF_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hf")
@@ -45,31 +44,23 @@ class MemoryPlanError(ValueError):
 
 
 @lru_cache(maxsize=4096)
-def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int
-                       ) -> tuple[int, int]:
-    """(all, norm) parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank, counted from
-    the mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied."""
-    def count(layouts) -> tuple[int, int]:
-        sizes = [(math.prod(l.shard_shape), not l.tp_split) for l in layouts]  # replicated shards are the norms
-        return sum(n for n, _ in sizes), sum(n for n, norm in sizes if norm)
+def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int) -> int:
+    """Parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank, counted from the
+    mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied."""
+    def count(layouts) -> int:
+        return sum(math.prod(layout.shard_shape) for layout in layouts)
 
     layer = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[0], pre_process=False, post_process=False,
                                 padded_vocab=padded_vocab, has_output_weight=False))
     ends = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[], pre_process=first, post_process=last,
                                padded_vocab=padded_vocab, has_output_weight=last and not (spec.tie_embeddings and first)))
-    return layers * layer[0] + ends[0], layers * layer[1] + ends[1]
+    return layers * layer + ends
 
 
 def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
-    """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them."""
-    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab)[0]
-
-
-def stage_norm_parameters(spec: ArchSpec, pp: int, stage: int) -> int:
-    """The RMSNorm weights among ``stage_parameters``: megatron's local spec without Apex builds them as torch
-    RMSNorm modules, which stay fp32 whatever the model dtype (so they also need no fp32 master copy)."""
-    # norms do not depend on TP or the vocabulary: count them at TP 1 with the unpadded rows
-    return _mapped_parameters(spec, 1, spec.num_layers // pp, stage == 0, stage == pp - 1, spec.vocab_size)[1]
+    """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them. All
+    are in the model's dtype (models/builder.py gives the norms that dtype too)."""
+    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab)
 
 
 def total_parameters(spec: ArchSpec) -> int:
@@ -218,7 +209,7 @@ def _describe(spec: ArchSpec) -> str:
 def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int,
                              scores: bool) -> int:
     """What one layer keeps for backward (local spec, no sequence parallelism), as measured against the storages
-    autograd saves (tests/test_plan.py): torch RMSNorm with fp32 weights keeps an fp32 copy of its input, the fp32
+    autograd saves (tests/test_plan.py): torch RMSNorm, computing in fp32, keeps an fp32 copy of its input, the fp32
     normalised value and rsqrt; SwiGLU keeps fc1's output, silu(gate), up and their product; rope its cos/sin.
     ``scores``: the local core attention, which keeps q/k/v repeated to every head, the fp32 softmax (plus its
     low-precision copy) and the mask; fused kernels (SDPA/TE, or core attention recomputed) keep the qkv output,
@@ -265,24 +256,17 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     plan = MemoryPlan(i, student, teacher, vocab, s_params, t_params)
     rows = plan.rows
 
-    def weight_bytes(spec, params, stage):
-        norms = stage_norm_parameters(spec, i.pp, stage)
-        return (params - norms) * elem + norms * NORM_WEIGHT_BYTES
-
-    def optimizer_bytes(params, stage):
-        master = MASTER_WEIGHT_BYTES if i.dtype != "fp32" else 0
-        norms = stage_norm_parameters(student, i.pp, stage)
-        return (params - norms) * (ADAM_MOMENT_BYTES + master) + norms * ADAM_MOMENT_BYTES
+    optimizer_bytes = ADAM_MOMENT_BYTES + (MASTER_WEIGHT_BYTES if i.dtype != "fp32" else 0)   # per parameter
 
     shards = i.dp if i.distributed_optimizer else 1
     if teacher:
-        rows.append(Row("teacher weights", [weight_bytes(teacher, p, s) for s, p in enumerate(t_params)],
+        rows.append(Row("teacher weights", [p * elem for p in t_params],
                         note=f"{i.dtype}, frozen"))
-    rows.append(Row("student weights", [weight_bytes(student, p, s) for s, p in enumerate(s_params)], note=i.dtype))
+    rows.append(Row("student weights", [p * elem for p in s_params], note=i.dtype))
     rows.append(Row("student gradients", [p * GRAD_BUFFER_BYTES for p in s_params], note="fp32 buffer"))
     opt_note = ("Adam moments" + (" + fp32 master" if i.dtype != "fp32" else "")
                 + (f", /{shards} over DP" if shards > 1 else ""))
-    rows.append(Row("optimizer state", [-(-optimizer_bytes(p, s) // shards) for s, p in enumerate(s_params)],
+    rows.append(Row("optimizer state", [-(-p * optimizer_bytes // shards) for p in s_params],
                     note=opt_note))
     rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE] * i.pp))
 

@@ -132,7 +132,7 @@ class Trainer:
         student_logits, teacher_logits = output
         result = self.method.loss(student_logits, teacher_logits, batch, tp_group=self.tp_group,
                                   vocab_size=self.tokens.vocab_size)
-        tokens = batch.loss_mask.sum()
+        tokens = (batch.loss_mask != 0).sum()   # targets, whatever their (float) weights
         values = torch.stack([result.loss.detach()] + [result.metrics[k].float() for k in self.method.logs])
         return result.loss * tokens, tokens.to(torch.int), {"weighted": values * tokens, "tokens": tokens}
 
@@ -209,14 +209,15 @@ class Trainer:
                     logger.log(self.step, result.metrics)
                 if stop_after is not None and self.step >= stop_after:
                     break
-                if flag.any_rank_received():
+                periodic = bool(interval) and self.step % interval == 0 and self.step < self.total_steps
+                path = self.save_checkpoint() if periodic else None
+                if flag.any_rank_received():   # also one that came during that save: it is the save it asks for
                     self.stopped_by_signal = True
-                    path = self.save_checkpoint()
+                    path = path or self.save_checkpoint()
                     if dist.get_rank() == 0:
-                        log.warning("signal received: saved %s at step %d; exiting for requeue", path, self.step)
+                        log.warning("signal received (%s on this rank): saved %s at step %d; stopping",
+                                    flag.name, path, self.step)
                     break
-                if interval and self.step % interval == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
             else:
                 if self.step > resumed_at:  # a job requeued after its last step has nothing new to save
                     self.save_checkpoint()

@@ -1,0 +1,126 @@
+"""engine=deepspeed (issue 11): the same per-step losses as the megatron engine on the same tiny models, data and
+seed; ZeRO-3 on 2 processes equal to 1 process; resume after a kill is exact; the HF export is the trained
+student; a SIGTERM saves and the resumed run continues; bad DeepSpeed settings stop in load_config with one line.
+
+Launches are few (one 1-process and one 2-process worker pool, reused): each test function runs several short
+trainings inside one task."""
+import os
+import signal
+
+import pytest
+
+from harness import run_parallel, run_serial
+from test_train import STEPS, overrides, workdir  # noqa: F401  (workdir is a fixture)
+
+
+DS = ["engine=deepspeed"]
+
+
+def _ds_losses(argv, stop_after=None, signal_after=None):
+    """One DeepSpeed training run; the per-step loss/total (rank 0; [] elsewhere)."""
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.deepspeed_engine import DeepSpeedTrainer
+
+    trainer = DeepSpeedTrainer(load_config(None, argv))
+    if signal_after is not None:
+        real_step = trainer.train_step
+
+        def step_then_signal():
+            result = real_step()
+            if result.step == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)   # what Slurm sends at preemption
+            return result
+
+        trainer.train_step = step_then_signal
+    history = trainer.train(stop_after=stop_after)
+    return {"losses": [h.metrics["loss/total"] for h in history if h.metrics], "step": trainer.step,
+            "stopped_by_signal": trainer.stopped_by_signal,
+            "metrics": next((h.metrics for h in history if h.metrics), None)}
+
+
+def _megatron_losses(argv):
+    from test_train import _train
+
+    return [m["loss/total"] for m in _train(argv)]
+
+
+def _engines_and_resume(argv, ck):
+    """In one process: megatron vs deepspeed (ZeRO-2 and ZeRO-3, teacher partitioned or not), then a kill after
+    step 2 and a resume, then an export checked against the trained weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.deepspeed_engine import DeepSpeedTrainer
+
+    out = {"megatron": _megatron_losses(argv + [f"checkpoint.dir={ck}/mg"])}
+    out["zero3"] = _ds_losses(argv + DS + [f"checkpoint.dir={ck}/z3"])["losses"]
+    out["zero2"] = _ds_losses(argv + DS + ["deepspeed.zero_stage=2", "deepspeed.teacher_zero3_inference=false",
+                                           f"checkpoint.dir={ck}/z2"])["losses"]
+    # kill after step 3 (checkpoints every 2 steps: step 3's work is lost), resume to the end (step 5)
+    cut = argv + DS + [f"checkpoint.dir={ck}/cut", "checkpoint.interval=2", f"schedule.max_steps={STEPS + 2}"]
+    out["full"] = _ds_losses(argv + DS + [f"checkpoint.dir={ck}/full", f"schedule.max_steps={STEPS + 2}"])["losses"]
+    out["first"] = _ds_losses(cut, stop_after=3)["losses"]
+    out["latest_after_kill"] = open(f"{ck}/cut/latest").read().strip()
+    trainer = DeepSpeedTrainer(load_config(None, cut + ["checkpoint.resume=auto", f"checkpoint.export_hf={ck}/hf"]))
+    out["resumed"] = [h.metrics["loss/total"] for h in trainer.train() if h.metrics]
+    export = f"{ck}/hf"
+    trainer.export_hf(export)
+    trained = trainer.gathered_state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict()
+    out["export_keys_equal"] = set(trained) == set(loaded)
+    out["export_max_diff"] = max((trained[k].float() - loaded[k].float()).abs().max().item() for k in trained)
+    source = AutoModelForCausalLM.from_pretrained(argv[0].split("=", 1)[1], dtype=torch.float32).state_dict()
+    out["trained_moved"] = max((trained[k].float() - source[k].float()).abs().max().item() for k in trained)
+    return out
+
+
+def test_deepspeed_matches_megatron_resumes_exactly_and_exports(workdir, tmp_path):
+    argv = overrides(workdir, "tsdkd", False, [f"schedule.max_steps={STEPS}"])
+    out = run_serial(_engines_and_resume, argv, str(tmp_path))
+    print("per-step losses", {k: out[k] for k in ("megatron", "zero3", "zero2")})
+    assert len(out["megatron"]) == len(out["zero3"]) == STEPS
+    for name in ("zero3", "zero2"):
+        for m, d in zip(out["megatron"], out[name]):
+            assert abs(m - d) <= 1e-4 * max(1.0, abs(m)), (name, out["megatron"], out[name])
+    assert out["latest_after_kill"] == "step_000002"
+    assert len(out["full"]) == STEPS + 2 and len(out["first"]) == 3 and len(out["resumed"]) == STEPS
+    for a, b in zip(out["full"][2:], out["resumed"]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), (out["full"], out["resumed"])
+    assert out["export_keys_equal"] and out["export_max_diff"] == 0.0, out
+    assert out["trained_moved"] > 0.0   # the export is the trained student, not the source
+
+
+def _zero3_and_sigterm(argv, ck):
+    out = {"dp2": _ds_losses(argv + DS + [f"checkpoint.dir={ck}/dp2"])["losses"]}
+    signalled = argv + DS + [f"checkpoint.dir={ck}/sig", "schedule.max_steps=50"]
+    out["signalled"] = _ds_losses(signalled, signal_after=2)
+    out["latest"] = open(f"{ck}/sig/latest").read().strip()
+    out["continued"] = _ds_losses(signalled + ["checkpoint.resume=auto"], stop_after=4)   # same config: exact resume
+    return out
+
+
+def test_bad_deepspeed_settings_stop_in_load_config(workdir, setting, message):
+    from megatron_tsdkd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(None, overrides(workdir, extra=DS + setting))
+    assert "\n" not in str(error.value)
+
+
+def test_offload_with_torch_adam_is_accepted_and_megatron_sources_are_refused(workdir, tmp_path):
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.deepspeed_engine import check_hf_sources, ds_config
+    from megatron_tsdkd.training.inputs import PreflightError
+
+    cfg = load_config(None, overrides(workdir, extra=DS + ["deepspeed.offload_optimizer=cpu"]))
+    config = ds_config(cfg, dp_size=1)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert config["optimizer"]["params"]["torch_adam"] and not config["zero_force_ds_cpu_optimizer"]
+
+    class Source:
+        path, format = str(tmp_path / "ck"), "mcore"
+
+    inputs = type("Inputs", (), {"student": Source(), "teacher": None})()
+    with pytest.raises(PreflightError, match="export it first"):
+        check_hf_sources(inputs)
