@@ -14,8 +14,9 @@
 # Signals: wherever SIGTERM, SIGINT or SIGUSR1 lands (this launcher, srun, torchrun, the workers; Slurm signals
 # every process of a step, Ctrl-C the foreground process group), the trainer saves one checkpoint at the end of its
 # current step and exits 0; torchrun, srun and the launcher exit 0 after it. What each level does:
-#   - the launcher (batch shell, and each node's task) traps them and passes them on to srun / torchrun, as soon
-#     as that process has its own handler installed (read off /proc), so an early signal is not lost;
+#   - the launcher (batch shell, and each node's task) traps them and passes them on to torchrun, or to the job's
+#     steps (TERM/INT through `scancel --signal`: srun would abort the step on TERM; USR1 to srun, which forwards
+#     it), as soon as that process has its own handler installed (read off /proc), so an early signal is not lost;
 #   - torchrun is started through megatron_tsdkd/runtime/torchrun.py, which passes them on to each worker instead of
 #     torchrun's own shutdown (os.killpg of every worker's process group, SIGKILL 30 s later, exit 1) and keeps
 #     supervising; until its handlers are installed it ignores them, so it cannot die of one while importing;
@@ -91,6 +92,14 @@ takes() {
     ((caught))
 }
 
+# Signal $1 to pid $2. srun would turn SIGTERM into an abort of the step (SIGKILL KillWait + 2 s later) and only
+# report SIGINT; so these go to the job's steps through scancel, as `scancel --signal=TERM <job>` sends them.
+SRUN_PID=""
+pass_on() {
+    if [[ $2 == "$SRUN_PID" && $1 != USR1 ]] && scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null; then return 0; fi
+    kill "-$1" "$2" 2>/dev/null || true
+}
+
 # Wait for pid $1 to exit and set WAIT_RC to its status. Signals trapped meanwhile are passed on to it once it
 # handles them (`wait` returns early, status > 128, whenever a trapped signal arrives: keep waiting while it lives).
 wait_for() {
@@ -98,7 +107,7 @@ wait_for() {
     while true; do
         while ((${#PENDING[@]} > 0)) && kill -0 "$pid" 2>/dev/null; do
             if takes "$pid" "${PENDING[0]}"; then
-                kill "-${PENDING[0]}" "$pid" 2>/dev/null || true
+                pass_on "${PENDING[0]}" "$pid"
                 PENDING=("${PENDING[@]:1}")
             else
                 sleep 0.2 & wait $! || true   # still starting up (signals ignored until its handler is in place)
@@ -189,7 +198,8 @@ run_allocation() {
     # --cpus-per-task: without it a step task may be bound to one core, and torchrun's workers with it.
     srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
         --kill-on-bad-exit=1 --label "$LAUNCHER" "$@" &
-    wait_for $!
+    SRUN_PID=$!
+    wait_for "$SRUN_PID"
     local rc=$WAIT_RC
     trap - USR1 TERM INT
 
