@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from harness import run_parallel, run_serial
+from harness import run_serial
 from test_train import STEPS, overrides, workdir  # noqa: F401  (workdir is a fixture)
 
 
@@ -91,15 +91,12 @@ def test_deepspeed_matches_megatron_resumes_exactly_and_exports(workdir, tmp_pat
     assert out["trained_moved"] > 0.0   # the export is the trained student, not the source
 
 
-def _zero3_and_sigterm(argv, ck):
-    out = {"dp2": _ds_losses(argv + DS + [f"checkpoint.dir={ck}/dp2"])["losses"]}
-    signalled = argv + DS + [f"checkpoint.dir={ck}/sig", "schedule.max_steps=50"]
-    out["signalled"] = _ds_losses(signalled, signal_after=2)
-    out["latest"] = open(f"{ck}/sig/latest").read().strip()
-    out["continued"] = _ds_losses(signalled + ["checkpoint.resume=auto"], stop_after=4)   # same config: exact resume
-    return out
-
-
+@pytest.mark.parametrize("setting, message", [
+    (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage: must be 2 or 3, got 4"),
+    (["deepspeed.offload_optimizer=cpu", "deepspeed.optimizer=fused_adam"], r"deepspeed\.offload_optimizer: "),
+    (["deepspeed.optimizer=cpu_adam"], r"deepspeed\.optimizer: cpu_adam steps CPU-resident state only"),
+    (["parallel.tensor=2"], r"parallel\.tensor: must be 1 with engine=deepspeed"),
+])
 def test_bad_deepspeed_settings_stop_in_load_config(workdir, setting, message):
     from megatron_tsdkd.config import ConfigError, load_config
 
