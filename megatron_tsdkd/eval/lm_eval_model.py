@@ -22,7 +22,6 @@ progress bar and writes files.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tsdkd.config import TrainConfig
+from megatron_tsdkd.runtime.timing import PhaseClock
 from megatron_tsdkd.data import DistributedBatchSampler, micro_batches
 from megatron_tsdkd.methods import build_method
 from megatron_tsdkd.models.dtypes import DTYPES
@@ -151,11 +152,6 @@ class _Parts:   # what metrics.startup_summary reads
     memory_plan: object
     total_steps: int
     num_microbatches: int
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():   # phase times are wall times: on GPU the queue must drain first
-        torch.cuda.synchronize()
 
 
 class DeepSpeedTrainer:
@@ -323,7 +319,6 @@ class DeepSpeedTrainer:
                 while response and response[-1] == self.tokens.pad_id:
                     response = response[:-1]
             pairs.append((examples[i // r.num_samples].prompt_ids, response))
-        _sync()
         return pairs, True, time.perf_counter() - start
 
     def _logits(self, model, batch) -> torch.Tensor:
@@ -343,35 +338,26 @@ class DeepSpeedTrainer:
         lr = lr_at(self.cfg, self.total_steps, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        phases = {"teacher_forward": 0.0, "student_forward": 0.0, "student_backward": 0.0, "optimizer": 0.0}
+        clock = PhaseClock()   # CUDA events on GPU, wall time on CPU: no host sync inside the step
         weighted = None
         for batch, count in zip(batches, counts):
-            t = time.perf_counter()
             teacher_logits = None
             if self.teacher is not None:
-                with torch.no_grad():
+                with clock.phase("teacher_forward"), torch.no_grad():
                     teacher_logits = self._logits(self.teacher, batch)
-                _sync()
-            t1 = time.perf_counter()
-            student_logits = self._logits(self.engine, batch)
-            if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
-                width = min(teacher_logits.shape[-1], student_logits.shape[-1])   # both >= the real vocabulary
-                teacher_logits, student_logits = teacher_logits[..., :width], student_logits[..., :width]
-            result = self.method.loss(student_logits, teacher_logits, batch, tp_group=None,
-                                      vocab_size=self.tokens.vocab_size)
-            _sync()
-            t2 = time.perf_counter()
-            self.engine.backward(result.loss * (count * self.dp_size / max(total, 1.0)), scale_wrt_gas=False)
-            _sync()
-            t3 = time.perf_counter()
-            self.engine.step()   # DeepSpeed steps the optimizer (clipping first) at the accumulation boundary only
-            _sync()
-            t4 = time.perf_counter()
+            with clock.phase("student_forward"):
+                student_logits = self._logits(self.engine, batch)
+                if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
+                    width = min(teacher_logits.shape[-1], student_logits.shape[-1])   # both >= the real vocabulary
+                    teacher_logits, student_logits = teacher_logits[..., :width], student_logits[..., :width]
+                result = self.method.loss(student_logits, teacher_logits, batch, tp_group=None,
+                                          vocab_size=self.tokens.vocab_size)
+            with clock.phase("student_backward"):
+                self.engine.backward(result.loss * (count * self.dp_size / max(total, 1.0)), scale_wrt_gas=False)
+            with clock.phase("optimizer"):
+                self.engine.step()   # DeepSpeed steps the optimizer (clipping first) at the accumulation boundary
             values = torch.stack([result.loss.detach().float()] + [result.metrics[k].float() for k in self.method.logs])
             weighted = values * count if weighted is None else weighted + values * count
-            for name, seconds in (("teacher_forward", t1 - t), ("student_forward", t2 - t1),
-                                  ("student_backward", t3 - t2), ("optimizer", t4 - t3)):
-                phases[name] += seconds
         t5 = time.perf_counter()
         self.step += 1
         if self.step % self.cfg.logging.interval and self.step < self.total_steps:
@@ -379,7 +365,7 @@ class DeepSpeedTrainer:
         grad_norm = self.engine.get_global_grad_norm()
         local = dict(zip((f"loss/{k}" for k in self.loss_names), weighted.tolist()))
         local["tokens/response"] = float(sum(int(c) for c in counts))
-        local.update({f"time/{k}": v for k, v in phases.items()})
+        local.update({f"time/{k}": v for k, v in clock.pop().items()})
         local.update({
             "time/rollout": rollout_seconds, "time/step": t5 - t0, "rollout/on_policy": float(on_policy),
             "rollout/response_length": sum(len(r) for _, r in pairs) / len(pairs), "optim/lr": lr,

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_object
+from megatron_tsdkd.training.run_config import flat_config
 
 log = logging.getLogger("megatron_tsdkd.train")
 GIB = 1024**3
@@ -168,16 +169,6 @@ def log_scalars(log_dir: str, step: int, values: dict[str, float]) -> None:
 # The start-up summary
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def changed_settings(cfg) -> dict[str, dict[str, object]]:
     """The resolved config's keys whose values differ from the defaults (the method's own defaults for
     ``method.*``, lambda's default for that method), grouped by section: ``{"batch": {"global_size": 32}}``."""
@@ -187,7 +178,7 @@ def changed_settings(cfg) -> dict[str, dict[str, object]]:
     method = method_class(cfg.method.name)
     defaults = TrainConfig(method=method.Config())
     defaults.rollout = dataclasses.replace(defaults.rollout, on_policy_prob=method.default_on_policy_prob())
-    base, current = _flat(to_dict(defaults)), _flat(to_dict(cfg))
+    base, current = flat_config(to_dict(defaults)), flat_config(to_dict(cfg))
     grouped: dict[str, dict[str, object]] = {}
     for key, value in current.items():
         if key not in base or base[key] != value:

@@ -23,11 +23,12 @@ def config_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -35,7 +36,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def config_changes(stored: dict, current: dict) -> tuple[list[str], list[str]]:
     """(keys whose change breaks exactness, harmless changed keys), each sorted."""
-    a, b = _flat(stored), _flat(current)
+    a, b = flat_config(stored), flat_config(current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     harmless = [k for k in changed if k.startswith(HARMLESS)]
     return [k for k in changed if k not in harmless], harmless
@@ -50,5 +51,5 @@ def stored_config(checkpoint_folder: str) -> Optional[dict]:
 
 
 def describe(keys: list[str], stored: dict, current: dict) -> str:
-    a, b = _flat(stored), _flat(current)
+    a, b = flat_config(stored), flat_config(current)
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys)
