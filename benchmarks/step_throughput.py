@@ -10,6 +10,8 @@ loss), and our step with PyTorch SDPA attention against megatron's local attenti
         --teacher-hidden 512 --teacher-layers 6 --vocab 32768                        # hand-made tiny shapes
     .venv/bin/python benchmarks/step_throughput.py --shapes qwen2.5-1.5b/7b --layers 1 --batch 2 --new-tokens 8 \
         --steps 1 --dtype bf16                  # real widths, heads and vocabularies, one layer: ~6 min on 2 CPU cores
+    .venv/bin/python benchmarks/step_throughput.py --engines megatron,deepspeed --attentions sdpa --no-hf
+                                                # the two engines side by side (engine=deepspeed: HF models, ZeRO-3)
 
 Models: random weights, built with transformers from the HF configs (or the --student-*/--teacher-* shapes) and
 saved as safetensors folders with the demo's character tokenizer (102 tokens). The models keep their real
@@ -36,6 +38,9 @@ Figures printed (one summary block at the end):
   same config (training.memory_plan.plan_memory on inputs_from_config) with measured / predicted;
 - the trainer's per-phase times (time/*) for both attentions and the HF-style step's phases;
 - SDPA vs local: tokens/s and student forward+backward time.
+- with ``--engines megatron,deepspeed``: the same phases for ``engine=deepspeed`` (its own process, ZeRO
+  ``--zero-stage``, transformers' ``generate`` for the rollout), its planner row (training/zero_memory_plan.py), and
+  megatron / deepspeed: tokens/s, student forward+backward time and rollout time.
 """
 from __future__ import annotations
 
@@ -228,6 +233,48 @@ def ours(args, root: str, attention: str) -> dict:
         "student": _spec_dict(inputs.student.arch),
         "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
         "padded_vocab": trainer.tokens.padded_vocab_size, "tokenizer_vocab": trainer.tokens.vocab_size,
+        "plan_peak_bytes": max(plan.peaks), "plan_reserve_bytes": RUNTIME_RESERVE,
+        "plan_capacity_gib": plan.capacity / PLAN_GIB, "plan_layout": plan.layout_line(),
+        **_memory_end(memory),
+    }
+
+
+def ours_deepspeed(args, root: str) -> dict:
+    """The same step on ``engine=deepspeed`` (training/deepspeed_engine.py: HF models, ZeRO-``--zero-stage``,
+    transformers' generate), reported like ``ours`` so the two engines' phases line up."""
+    import megatron_tsdkd.training.deepspeed_engine as ds_module
+    from megatron_tsdkd.config import load_config
+
+    memory = _memory_start()
+    cfg = load_config(None, train_overrides(args, root) + ["engine=deepspeed", f"deepspeed.zero_stage={args.zero_stage}"])
+    shapes = []
+    collate = ds_module.micro_batches
+
+    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None):
+        batches, length = collate(pairs, micro_size, pad_id, max_length, device)
+        shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
+        return batches, length
+
+    ds_module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
+    trainer = ds_module.DeepSpeedTrainer(cfg)
+    plan = trainer.parts.memory_plan
+    trainer.train_step()  # warm-up
+    _sync()
+    steps = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        metrics = trainer.train_step().metrics
+        _sync()
+        steps.append({"wall": time.perf_counter() - start, "metrics": metrics,
+                      "rows": shapes[-1][0], "padded_length": shapes[-1][1]})
+    inputs = trainer.inputs
+    from megatron_tsdkd.training.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
+
+    return {
+        "attention": "sdpa (transformers)", "steps": steps, "engine": f"deepspeed ZeRO-{args.zero_stage}",
+        "student": _spec_dict(inputs.student.arch),
+        "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
+        "padded_vocab": plan.padded_vocab, "tokenizer_vocab": trainer.tokens.vocab_size,
         "plan_peak_bytes": max(plan.peaks), "plan_reserve_bytes": RUNTIME_RESERVE,
         "plan_capacity_gib": plan.capacity / PLAN_GIB, "plan_layout": plan.layout_line(),
         **_memory_end(memory),
@@ -433,6 +480,13 @@ def summarise(args, runs: dict) -> list[str]:
         lines.append("phase seconds (HF-style): " + ", ".join(
             f"{k} {_mean(s['phases'][k] for s in hf_steps):.3f}" for k in hf_steps[0]["phases"])
             + f", step {_mean(s['wall'] for s in hf_steps):.3f}")
+    if "deepspeed" in figures and main != "deepspeed":
+        m, d = figures[main], figures["deepspeed"]
+        lines.append(f"ratio megatron ({main}) vs {runs['deepspeed']['engine']}: tokens/s {m['tps'] / d['tps']:.2f}x, "
+                     f"student fwd+bwd time {d['student_time'] / m['student_time']:.2f}x faster; rollout "
+                     f"{d['phases'].get('time/rollout', 0.0) / max(m['phases'].get('time/rollout', 0.0), 1e-9):.2f}x "
+                     f"faster (megatron {m['phases'].get('time/rollout', 0.0):.3f} s, deepspeed "
+                     f"{d['phases'].get('time/rollout', 0.0):.3f} s)")
     if "sdpa" in figures and "local" in figures:
         s, l = figures["sdpa"], figures["local"]
         lines.append(f"ratio SDPA vs local attention: tokens/s {s['tps'] / l['tps']:.2f}x, student fwd+bwd time "
@@ -448,7 +502,7 @@ def _child(args, what: str, attention: str, root: str, out: str) -> dict:
     subprocess.run(argv, check=True, timeout=args.child_timeout)
     with open(out) as f:
         result = json.load(f)
-    print(f"[step_throughput] {what}{'' if what == 'hf' else ' ' + attention} done in "
+    print(f"[step_throughput] {what}{' ' + attention if attention else ''} done in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     return result
 
@@ -477,7 +531,10 @@ def main(argv=None) -> None:
     p.add_argument("--models-dir", default="", help="keep (and reuse) the models and data here")
     p.add_argument("--prepare-only", action="store_true", help="build the models and data, then stop")
     p.add_argument("--child-timeout", type=float, default=600)
-    p.add_argument("--run", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--engines", default="megatron", help="engines to measure, comma-separated: megatron (one run per "
+                   "--attentions entry), deepspeed (engine=deepspeed, HF models under ZeRO)")
+    p.add_argument("--zero-stage", type=int, default=3, choices=(2, 3), help="with --engines ...deepspeed")
+    p.add_argument("--run", choices=("ours", "deepspeed", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--attention", default="sdpa", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -492,7 +549,12 @@ def main(argv=None) -> None:
                         f"{args.teacher_hidden}x{args.teacher_layers}, vocab {args.vocab})")
 
     if args.run:  # a child: one measurement, written as JSON
-        result = ours(args, args.models_dir, args.attention) if args.run == "ours" else hf_reference(args, args.models_dir)
+        if args.run == "ours":
+            result = ours(args, args.models_dir, args.attention)
+        elif args.run == "deepspeed":
+            result = ours_deepspeed(args, args.models_dir)
+        else:
+            result = hf_reference(args, args.models_dir)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
@@ -504,7 +566,7 @@ def main(argv=None) -> None:
     if args.prepare_only:
         return
     # the children get the same shape/size options (minus the orchestration ones)
-    skip = {"--models-dir", "--prepare-only", "--attentions", "--no-hf", "--child-timeout"}
+    skip = {"--models-dir", "--prepare-only", "--attentions", "--engines", "--no-hf", "--child-timeout"}
     args.passthrough, it = [], iter(sys.argv[1:] if argv is None else argv)
     for item in it:
         key = item.split("=", 1)[0]
@@ -514,8 +576,15 @@ def main(argv=None) -> None:
             continue
         args.passthrough.append(item)
     runs = {}
-    for attention in [a.strip() for a in args.attentions.split(",") if a.strip()]:
-        runs[attention] = _child(args, "ours", attention, root, os.path.join(root, f"ours_{attention}.json"))
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - {"megatron", "deepspeed"}
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(sorted(unknown))} (megatron, deepspeed)")
+    if "megatron" in engines:
+        for attention in [a.strip() for a in args.attentions.split(",") if a.strip()]:
+            runs[attention] = _child(args, "ours", attention, root, os.path.join(root, f"ours_{attention}.json"))
+    if "deepspeed" in engines:
+        runs["deepspeed"] = _child(args, "deepspeed", "", root, os.path.join(root, "ours_deepspeed.json"))
     if not args.no_hf:
         runs["hf"] = _child(args, "hf", "", root, os.path.join(root, "hf.json"))
     with open(os.path.join(root, "step_throughput.json"), "w") as f:

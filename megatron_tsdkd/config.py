@@ -304,6 +304,9 @@ def _check_deepspeed(cfg: TrainConfig, need) -> None:
         for key, value in (("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline)):
             need(value == 1, key, f"must be 1 with engine=deepspeed (ZeRO shards over data parallelism only), "
                                   f"got {value}; use engine=megatron for tensor/pipeline parallelism")
+        need(cfg.models.recompute != "selective", "models.recompute",
+             "selective (core attention only) is megatron-core's; engine=deepspeed offers none or full "
+             "(transformers' gradient checkpointing)")
 
 
 def _resolve_defaults(cfg: TrainConfig) -> TrainConfig:

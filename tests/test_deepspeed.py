@@ -121,3 +121,32 @@ def test_offload_with_torch_adam_is_accepted_and_megatron_sources_are_refused(wo
     inputs = type("Inputs", (), {"student": Source(), "teacher": None})()
     with pytest.raises(PreflightError, match="export it first"):
         check_hf_sources(inputs)
+
+
+def _zero3_and_sigterm(argv, ck):
+    """On 2 processes: ZeRO-3 losses; then SIGTERM on every rank after step 2 -> one save, a clean stop; the
+    resumed run continues from there with the uninterrupted run's losses."""
+    out = {"dp2": _ds_losses(argv + DS + [f"checkpoint.dir={ck}/dp2", f"schedule.max_steps={STEPS + 2}"])["losses"]}
+    signalled = argv + DS + [f"checkpoint.dir={ck}/sig", f"schedule.max_steps={STEPS + 2}"]
+    out["signalled"] = _ds_losses(signalled, signal_after=2)
+    out["latest"] = open(f"{ck}/sig/latest").read().strip()
+    out["continued"] = _ds_losses(signalled + ["checkpoint.resume=auto"])
+    return out
+
+
+def test_zero3_two_processes_equal_one_and_sigterm_saves_and_resumes(workdir, tmp_path):
+    from harness import run_parallel
+
+    argv = overrides(workdir, "tsdkd", False, [f"schedule.max_steps={STEPS + 2}"])
+    one = run_serial(_ds_losses, argv + DS + [f"checkpoint.dir={tmp_path}/dp1"])["losses"]
+    two = run_parallel(_zero3_and_sigterm, argv, str(tmp_path), world_size=2)[0]
+    print("dp1", one, "dp2", two["dp2"])
+    assert len(one) == len(two["dp2"]) == STEPS + 2
+    for a, b in zip(one, two["dp2"]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two["dp2"])
+    signalled = two["signalled"]
+    assert signalled["stopped_by_signal"] and signalled["step"] == 2 and two["latest"] == "step_000002"
+    continued = two["continued"]
+    assert continued["step"] == STEPS + 2 and not continued["stopped_by_signal"]
+    for a, b in zip(two["dp2"][2:], continued["losses"]):
+        assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), (two["dp2"], continued["losses"])

@@ -343,3 +343,49 @@ def test_planned_activations_are_what_autograd_saves(tiny_models, measured, tp, 
             if not _within(planned, real):
                 failures.append((name, batch, seq, planned, real))
     assert not failures, f"planned vs saved bytes off by more than {ESTIMATE_TOLERANCE:.0%}: {failures}"
+
+
+@pytest.mark.parametrize("stage, offload", [(2, False), (2, True), (3, False), (3, True)])
+def test_zero_model_states_are_deepspeeds_estimates(stage, offload):
+    """engine=deepspeed: the student's model-state rows per GPU equal DeepSpeed's own estimators (bf16)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from megatron_tsdkd.training.memory_plan import total_parameters
+    from megatron_tsdkd.training.zero_memory_plan import ZeroSettings, largest_block, student_state_bytes
+
+    spec = spec_of("Qwen2.5-7B-Instruct")
+    params, block, gpus = total_parameters(spec), largest_block(spec), 8
+    assert block == 152064 * 3584   # the embedding outweighs a layer
+    ours = sum(student_state_bytes(params, block, gpus, "bf16", ZeroSettings(stage, offload)).values())
+    if stage == 2:
+        _, expected = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, cpu_offload=offload)
+    else:
+        _, expected, _ = estimate_zero3_model_states_mem_needs(params, block, num_gpus_per_node=gpus,
+                                                               cpu_offload=offload, cpu_offload_params=False)
+    assert abs(ours - expected) <= 8, (ours, expected)   # integer rounding of the per-GPU shares
+
+
+def test_zero_plan_verdicts_and_suggestion(capsys):
+    """tsdkd-plan engine=deepspeed: 14B -> 1.5B fits one 8-GPU node under ZeRO-3; 72B -> 7B with ZeRO-2 and a full
+    teacher copy per GPU does not, and the suggestion (a ZeRO setting or the megatron engine) really fits."""
+    from megatron_tsdkd.commands.plan import main
+    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+
+    yaml14 = os.path.join(ROOT, "configs", "tsdkd_14b_to_1.5b.yaml")
+    main(["--config", yaml14, "--world-size", "8", "--gpu-memory-gib", "80", "engine=deepspeed"])
+    out = capsys.readouterr().out
+    assert "verdict: FITS" in out and "DeepSpeed ZeRO-3 over 8 GPUs" in out and "gathered largest block" in out
+    student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
+    bad = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", "deepspeed.zero_stage=2",
+           "deepspeed.teacher_zero3_inference=false"]
+    with pytest.raises(MemoryPlanError) as refused:
+        check_memory_plan(config("tsdkd_70b_to_7b.yaml", *bad), 8, student, teacher, gpu_memory_bytes=80 * 1024**3)
+    message = str(refused.value)
+    assert "DOES NOT FIT" in message and "largest item: teacher weights" in message and "ZeRO-2" in message
+    suggestion = re.search(r"try (deepspeed\.\S+(?: \S+=\S+)*) \(peak", message)
+    assert suggestion, message
+    keys = [k for k in suggestion.group(1).split() if "=" in k]
+    plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml", *bad, *keys), 8, student, teacher,
+                             gpu_memory_bytes=80 * 1024**3)
+    assert plan.fits

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
 
     from megatron_tsdkd.config import ConfigError, load_config
     from megatron_tsdkd.methods import method_class
-    from megatron_tsdkd.training.memory_plan import inputs_from_config, load_hf_spec, plan_memory, suggest_layout
+    from megatron_tsdkd.training.memory_plan import load_hf_spec, plan_for_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     if not world:
         _fail("--world-size: how many GPUs will the job have? pass --world-size N (or --nodes N --gpus-per-node G)")
     try:
-        plan = plan_memory(student, teacher, inputs_from_config(cfg, world, args.gpu_memory_gib))
+        plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib)
     except ValueError as error:
         _fail(f"parallel layout: {error}")
     print(f"student config: {where_s}")
@@ -63,5 +63,5 @@ def main(argv=None) -> None:
         print(f"teacher config: {where_t}")
     print(plan.table())
     if not plan.fits:
-        print(f"suggestion: {suggest_layout(student, teacher, plan.inputs)}")
+        print(f"suggestion: {suggestion}")
         raise SystemExit(1)

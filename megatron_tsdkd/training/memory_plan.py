@@ -57,6 +57,11 @@ def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: 
     return layers * layer + ends
 
 
+def layer_parameters(spec: ArchSpec, tp: int, padded_vocab: int) -> int:
+    """One transformer layer's parameters on one TP rank."""
+    return _mapped_parameters(spec, tp, 1, False, False, padded_vocab)
+
+
 def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them. All
     are in the model's dtype (models/builder.py gives the norms that dtype too)."""
@@ -206,7 +211,7 @@ def _describe(spec: ArchSpec) -> str:
 
 # ---- activation estimates (bytes), per TP rank ----
 
-def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int,
+def layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int,
                              scores: bool) -> int:
     """What one layer keeps for backward (local spec, no sequence parallelism), as measured against the storages
     autograd saves (tests/test_plan.py): torch RMSNorm, computing in fp32, keeps an fp32 copy of its input, the fp32
@@ -226,13 +231,13 @@ def _layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, s
     return saved
 
 
-def _stage_end_activations(spec: ArchSpec, tp: int, tokens: int, elem: int, first: bool, last: bool) -> int:
+def stage_end_activations(spec: ArchSpec, tp: int, tokens: int, elem: int, first: bool, last: bool) -> int:
     """The input ids (and TP's mask) on the first stage, the final norm's saved tensors on the last."""
     out = 8 * tokens + (tokens if tp > 1 else 0) if first else 0
     return out + (tokens * (8 * spec.hidden_size + 4) + tokens * spec.hidden_size * elem if last else 0)
 
 
-def _layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int, scores: bool) -> int:
+def layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int, scores: bool) -> int:
     """Transient peak inside one layer's forward: attention scores and probabilities (local core attention), or
     the SwiGLU activations."""
     attention = 2 * batch * (spec.num_heads // tp) * seq * seq if scores else 0
@@ -276,17 +281,17 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     activations, working, logits = [], [], []
     for s in stages:
         in_flight = min(i.pp - s, i.micro_batches) if i.pp > 1 else 1      # 1F1B keeps PP - s micro-batches
-        ends = _stage_end_activations(student, i.tp, tokens, elem, s == 0, s == i.pp - 1)
+        ends = stage_end_activations(student, i.tp, tokens, elem, s == 0, s == i.pp - 1)
         if i.recompute == "full":   # only each layer's input is kept; one layer is recomputed at a time
             kept = in_flight * (layers * tokens * student.hidden_size * elem + ends)
-            kept += _layer_saved_activations(student, i.tp, tokens, b, seq, elem, i.attention_scores)
+            kept += layer_saved_activations(student, i.tp, tokens, b, seq, elem, i.attention_scores)
         else:                       # selective recomputes the core attention: its probabilities are not kept
             scores = i.attention_scores and i.recompute == "none"
-            kept = in_flight * (layers * _layer_saved_activations(student, i.tp, tokens, b, seq, elem, scores) + ends)
+            kept = in_flight * (layers * layer_saved_activations(student, i.tp, tokens, b, seq, elem, scores) + ends)
         if teacher and i.pp > 1:  # the teacher's hidden states travel with the student's between stages
             kept += in_flight * tokens * teacher.hidden_size * elem
         activations.append(kept)
-        working.append(max(_layer_working_set(m, i.tp, tokens, b, seq, elem, i.attention_scores) for m in models))
+        working.append(max(layer_working_set(m, i.tp, tokens, b, seq, elem, i.attention_scores) for m in models))
         last = s == i.pp - 1
         chunk = min(i.chunk_size, tokens)
         logits.append(((1 + len(models)) * tokens * (vocab // i.tp) * elem     # both models' logits + logit grad
@@ -361,6 +366,21 @@ def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanI
     return "no tensor/pipeline layout up to 512 GPUs fits; shorten data.max_length or use GPUs with more memory"
 
 
+def plan_for_config(cfg, world_size: int, student: ArchSpec, teacher: Optional[ArchSpec] = None,
+                    gpu_memory_gib: Optional[float] = None) -> tuple[MemoryPlan, str]:
+    """The plan of a config for its engine (megatron: this module; deepspeed: training/zero_memory_plan.py) and the
+    suggestion to print when it does not fit ("" when it does)."""
+    inputs = inputs_from_config(cfg, world_size, gpu_memory_gib)
+    if cfg.engine == "deepspeed":
+        from megatron_tsdkd.training.zero_memory_plan import plan_zero_memory, suggest_zero, zero_settings
+
+        zero = zero_settings(cfg)
+        plan = plan_zero_memory(student, teacher, inputs, zero)
+        return plan, "" if plan.fits else suggest_zero(student, teacher, inputs, zero)
+    plan = plan_memory(student, teacher, inputs)
+    return plan, "" if plan.fits else suggest_layout(student, teacher, inputs)
+
+
 def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
                       gpu_memory_bytes: Optional[int] = None) -> MemoryPlan:
     """The trainer's gate, before any model is built: raise MemoryPlanError (table + suggestion) when the layout
@@ -369,12 +389,11 @@ def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
     student = _as_spec(student_config)
     teacher = _as_spec(teacher_config) if teacher_config is not None else None
     gib = gpu_memory_bytes / GIB if gpu_memory_bytes else None
-    inputs = inputs_from_config(cfg, world_size, gib)
-    plan = plan_memory(student, teacher, inputs)
+    plan, suggestion = plan_for_config(cfg, world_size, student, teacher, gib)
     if not plan.fits and cfg.memory.enforce:
         raise MemoryPlanError(
-            f"parallel layout: the planned memory per GPU exceeds {inputs.gpu_memory_gib:.0f} GiB; "
-            f"{suggest_layout(student, teacher, inputs)}, or set memory.enforce=false to try anyway.\n{plan.table()}")
+            f"parallel layout: the planned memory per GPU exceeds {plan.inputs.gpu_memory_gib:.0f} GiB; "
+            f"{suggestion}, or set memory.enforce=false to try anyway.\n{plan.table()}")
     return plan
 
 

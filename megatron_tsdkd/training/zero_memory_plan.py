@@ -1,0 +1,152 @@
+"""Per-GPU memory plan of an ``engine: deepspeed`` run (training/deepspeed_engine.py), before anything is allocated.
+
+The same table, rows and verdict as the megatron plan (training/memory_plan.py, whose activation formulas it reuses
+at TP=1), with DeepSpeed's model-state accounting. N is the student's parameter count (exact, from the mapping),
+L its largest single parameter block (a transformer layer or the embedding), d the data-parallel GPUs, e the bytes
+of the model dtype. Per GPU:
+
+    ZeRO-2:          weights e*N + gradients e*N/d (the 16-bit partition) + optimizer 16*N/d
+    ZeRO-2, offload: weights e*N (gradients and optimizer state live in CPU memory)
+    ZeRO-3:          weights e*N/d + optimizer 16*N/d + the gathered largest block (weights + gradients) 4*L
+    ZeRO-3, offload: weights e*N/d + 4*L
+
+"optimizer" is the fp32 master copy, Adam's two moments and the fp32 gradient partition (4 + 8 + 4 bytes; fp32
+weights are their own master: 12). For bf16 these are DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``, tests/test_plan.py checks the
+equality); DeepSpeed has no estimator of activations, logits or the teacher, so those rows are ours. The teacher is
+a ZeRO-3 inference engine (weights e*Nt/d plus its largest block gathered and one prefetched) or a full copy per GPU.
+The models are transformers modules at TP=1 with fused (SDPA) attention unless ``models.attention=local`` (HF's
+eager attention); their logits cover the whole vocabulary. Rollouts are transformers' ``generate``: a KV cache for
+the rank's sequences of the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_tsdkd.models.dtypes import DTYPES
+from megatron_tsdkd.models.hf_config import ArchSpec
+from megatron_tsdkd.training.memory_plan import (GIB, LOSS_CHUNK_COPIES, RUNTIME_RESERVE, MemoryPlan, PlanInputs,
+                                                 Row, layer_parameters, layer_saved_activations, stage_end_activations,
+                                                 stage_parameters, layer_working_set)
+
+ZERO_OPTIMIZER_BYTES = 16       # fp32 master + Adam moments + fp32 gradient partition, per parameter (bf16/fp16)
+GATHERED_BLOCK_BYTES = 4        # ZeRO-3: the largest block's 16-bit weights and gradients, gathered
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    teacher_zero3: bool = True
+
+
+@dataclass
+class ZeroMemoryPlan(MemoryPlan):
+    zero: ZeroSettings = ZeroSettings()
+
+    def layout_line(self) -> str:
+        i, z = self.inputs, self.zero
+        return (f"DeepSpeed ZeRO-{z.zero_stage} over {i.dp} GPUs (world {i.world_size}), optimizer "
+                f"{'offloaded to CPU' if z.offload_optimizer else 'on GPU'}, teacher "
+                f"{'ZeRO-3 partitioned' if z.teacher_zero3 else 'a full copy per GPU'}, micro-batch {i.micro_batch}"
+                f" x {i.micro_batches} per step (global {i.global_batch}), sequence {i.seq_len}, {i.dtype}, "
+                f"recompute {i.recompute}, attention {'eager (scores kept)' if i.attention_scores else 'SDPA'}")
+
+
+def largest_block(spec: ArchSpec) -> int:
+    """The largest parameter block ZeRO-3 gathers at once: one transformer layer, or the embedding / LM head."""
+    return max(layer_parameters(spec, 1, spec.vocab_size), spec.vocab_size * spec.hidden_size)
+
+
+def student_state_bytes(params: int, block: int, dp: int, dtype: str, zero: ZeroSettings) -> dict[str, int]:
+    """The student's model states per GPU, by row (see the module docstring)."""
+    e = DTYPES[dtype].itemsize
+    optimizer = ZERO_OPTIMIZER_BYTES if e < 4 else ZERO_OPTIMIZER_BYTES - 4
+    if zero.zero_stage == 2:
+        rows = {"student weights": e * params}
+        if not zero.offload_optimizer:
+            rows["student gradients"] = -(-e * params // dp)
+            rows["optimizer state"] = -(-optimizer * params // dp)
+        return rows
+    rows = {"student weights": -(-e * params // dp), "gathered largest block": GATHERED_BLOCK_BYTES * block}
+    if not zero.offload_optimizer:
+        rows["optimizer state"] = -(-optimizer * params // dp)
+    return rows
+
+
+def plan_zero_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs,
+                     zero: ZeroSettings) -> ZeroMemoryPlan:
+    """The per-GPU plan of a DeepSpeed run (one 'stage': every GPU holds the same)."""
+    i = inputs
+    if i.tp != 1 or i.pp != 1:
+        raise ValueError("engine=deepspeed plans TP=1 PP=1 only")
+    elem = DTYPES[i.dtype].itemsize
+    s_params = stage_parameters(student, 1, 1, 0, student.vocab_size)
+    t_params = stage_parameters(teacher, 1, 1, 0, teacher.vocab_size) if teacher else 0
+    vocab = max(student.vocab_size, teacher.vocab_size if teacher else 0)
+    plan = ZeroMemoryPlan(i, student, teacher, vocab, [s_params], [t_params], zero=zero)
+    rows = plan.rows
+    if teacher:
+        if zero.teacher_zero3:
+            rows.append(Row("teacher weights", [-(-t_params * elem // i.dp) + 2 * elem * largest_block(teacher)],
+                            note=f"{i.dtype}, ZeRO-3 /{i.dp} + 2 gathered blocks"))
+        else:
+            rows.append(Row("teacher weights", [t_params * elem], note=f"{i.dtype}, full copy"))
+    notes = {"student weights": i.dtype + (f", /{i.dp}" if zero.zero_stage == 3 else ""),
+             "student gradients": f"{i.dtype}, /{i.dp}",
+             "optimizer state": f"fp32 master + Adam + fp32 grads, /{i.dp}",
+             "gathered largest block": "weights + gradients"}
+    for name, value in student_state_bytes(s_params, largest_block(student), i.dp, i.dtype, zero).items():
+        rows.append(Row(name, [value], note=notes[name]))
+    rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE]))
+
+    b, seq = i.micro_batch, i.seq_len
+    tokens = b * seq
+    models = [student] + ([teacher] if teacher else [])
+    if i.recompute == "full":   # HF gradient checkpointing: each layer's input, one layer recomputed at a time
+        kept = student.num_layers * tokens * student.hidden_size * elem
+        kept += layer_saved_activations(student, 1, tokens, b, seq, elem, i.attention_scores)
+    else:
+        kept = student.num_layers * layer_saved_activations(student, 1, tokens, b, seq, elem, i.attention_scores)
+    kept += stage_end_activations(student, 1, tokens, elem, True, True)
+    rows.append(Row("student activations", [kept], "train", note=f"recompute {i.recompute}"))
+    rows.append(Row("layer working set", [max(layer_working_set(m, 1, tokens, b, seq, elem, i.attention_scores)
+                                              for m in models)], "train", note="attention scores / MLP"))
+    chunk = min(i.chunk_size, tokens)
+    rows.append(Row("logits + loss chunk buffers",
+                    [(1 + len(models)) * tokens * vocab * elem + LOSS_CHUNK_COPIES * chunk * vocab * 4], "train",
+                    note=f"full vocabulary, chunk {i.chunk_size}"))
+    if i.rollout:
+        batch = max(1, i.global_batch // i.dp)
+        rows.append(Row("student KV cache", [2 * student.num_layers * student.num_query_groups * student.head_dim
+                                             * batch * i.rollout_len * elem], "rollout",
+                        note=f"{batch} sequences x {i.rollout_len} tokens"))
+        rows.append(Row("sampling logits", [batch * vocab * 4 * 2], "rollout"))
+    return plan
+
+
+def zero_settings(cfg) -> ZeroSettings:
+    d = cfg.deepspeed
+    return ZeroSettings(d.zero_stage, d.offload_optimizer == "cpu", d.teacher_zero3_inference)
+
+
+def suggest_zero(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs, zero: ZeroSettings) -> str:
+    """The first DeepSpeed setting that fits (ZeRO-3, then offload, then recompute), else the megatron engine."""
+    from megatron_tsdkd.training.memory_plan import suggest_layout
+
+    candidates = [(ZeroSettings(3, zero.offload_optimizer, True), inputs.recompute),
+                  (ZeroSettings(3, True, True), inputs.recompute), (ZeroSettings(3, True, True), "full")]
+    for settings, recompute in candidates:
+        candidate = PlanInputs(**{**inputs.__dict__, "recompute": recompute})
+        plan = plan_zero_memory(student, teacher, candidate, settings)
+        if plan.fits:
+            keys = [f"deepspeed.zero_stage={settings.zero_stage}"]
+            if settings.offload_optimizer:
+                keys.append("deepspeed.offload_optimizer=cpu")
+            if settings.teacher_zero3 != zero.teacher_zero3:
+                keys.append("deepspeed.teacher_zero3_inference=true")
+            if recompute != inputs.recompute:
+                keys.append(f"models.recompute={recompute}")
+            return f"try {' '.join(keys)} (peak {max(plan.peaks) / GIB:.1f} GiB)"
+    return f"no ZeRO setting fits; use engine=megatron: {suggest_layout(student, teacher, inputs)}"
