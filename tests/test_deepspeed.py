@@ -150,3 +150,34 @@ def test_zero3_two_processes_equal_one_and_sigterm_saves_and_resumes(workdir, tm
     assert continued["step"] == STEPS + 2 and not continued["stopped_by_signal"]
     for a, b in zip(two["dp2"][2:], continued["losses"]):
         assert abs(a - b) <= 1e-6 * max(1.0, abs(a)), (two["dp2"], continued["losses"])
+
+
+def _on_policy_offload_bf16(argv, ck):
+    """On-policy greedy rollouts (transformers' generate vs our KV-cache generation), CPU-offloaded optimizer state,
+    and a bf16 run, each a few steps."""
+    on = [a for a in argv if not a.startswith("rollout.on_policy_prob")] + ["rollout.on_policy_prob=1.0"]
+    out = {"megatron_on": _megatron_losses(on + [f"checkpoint.dir={ck}/mg_on"]),
+           "ds_on": _ds_losses(on + DS + [f"checkpoint.dir={ck}/ds_on"])}
+    out["offload"] = _ds_losses(argv + DS + ["deepspeed.offload_optimizer=cpu", f"checkpoint.dir={ck}/off"])["losses"]
+    out["zero3"] = _ds_losses(argv + DS + [f"checkpoint.dir={ck}/z3"])["losses"]
+    bf16 = [a for a in argv if not a.startswith("precision.dtype")] + ["precision.dtype=bf16"]
+    out["bf16"] = _ds_losses(bf16 + DS + [f"checkpoint.dir={ck}/bf16"])["losses"]
+    return out
+
+
+def test_on_policy_offload_and_bf16(workdir, tmp_path):
+    import math
+
+    argv = overrides(workdir, "tsdkd", False, [f"schedule.max_steps={STEPS}"])
+    out = run_serial(_on_policy_offload_bf16, argv, str(tmp_path))
+    print({k: out[k] for k in ("megatron_on", "offload", "zero3", "bf16")}, out["ds_on"]["losses"])
+    on = out["ds_on"]
+    assert on["metrics"]["rollout/on_policy"] == 1.0 and on["metrics"]["rollout/response_length"] > 0
+    # the same greedy responses from both generators, hence the same losses
+    for m, d in zip(out["megatron_on"], on["losses"]):
+        assert abs(m - d) <= 1e-4 * max(1.0, abs(m)), (out["megatron_on"], on["losses"])
+    for a, b in zip(out["zero3"], out["offload"]):   # the offloaded optimizer steps the same AdamW
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (out["zero3"], out["offload"])
+    assert len(out["bf16"]) == STEPS and all(math.isfinite(x) for x in out["bf16"])
+    for a, b in zip(out["zero3"], out["bf16"]):       # bf16 weights: the same losses to bf16 precision
+        assert abs(a - b) <= 3e-2 * max(1.0, abs(a)), (out["zero3"], out["bf16"])
