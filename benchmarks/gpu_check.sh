@@ -284,10 +284,14 @@ EOF
 step export 180 "$PY" "$WORK/check_export.py" "$EXPORT" "$MODELS/student" "$WORK/tensorboard"
 keep export '^(export:|training run)'
 
+# on a GPU also engine=deepspeed (ZeRO-3, HF generate) beside the megatron engine, when the machine has DeepSpeed
+# (the GPU machines may not: it ships as a source package); the CPU test run leaves it out for time
+ENGINES=megatron
+if [ "$GPU" = 1 ] && "$PY" -c "import deepspeed" >/dev/null 2>&1; then ENGINES=megatron,deepspeed; fi
 # ---- 5. throughput, MFU, memory against the planner, SDPA against local, against the HF-style step ---------------
 rm -rf "$WORK/checkpoints"   # the throughput runs need the disk more than the finished run's checkpoint
 step throughput 480 "$PY" benchmarks/step_throughput.py "${MODEL_ARGS[@]}" "${SIZE_ARGS[@]}" --steps "$BENCH_STEPS" \
-    --eval-count "$EVAL_N" --models-dir "$MODELS" --attentions sdpa,local --child-timeout 300
+    --eval-count "$EVAL_N" --models-dir "$MODELS" --attentions sdpa,local --child-timeout 300 --engines "$ENGINES"
 sed -n '/^==== step throughput/,$p' "$WORK/throughput.log" | grep -v '^\[' >> "$SUMMARY"
 
 if [ "$GPU" = 1 ] && [ $((SECONDS - START)) -gt $BUDGET ]; then

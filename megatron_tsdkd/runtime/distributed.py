@@ -79,6 +79,7 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
         os.environ.update(env_from_launcher())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")   # a world of one without a launcher (DeepSpeed asserts on it)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if on_gpu:
