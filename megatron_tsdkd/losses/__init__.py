@@ -15,6 +15,7 @@ from megatron_tsdkd.losses.divergences import (
     skew_reverse_kl_loss,
     token_entropy,
 )
+from megatron_tsdkd.losses.minillm import MiniLLMLossOutput, minillm_loss
 from megatron_tsdkd.losses.plackett_luce import plackett_luce_nll
 from megatron_tsdkd.losses.token_statistics import Divergence, TokenStatistics, token_statistics
 from megatron_tsdkd.losses.tsdkd import TSDKDLossOutput, tsdkd_loss
@@ -30,5 +31,5 @@ __all__ = [
     "TSDKDLossConfig", "TSDKDLossOutput", "tsdkd_loss", "generalized_jsd_loss", "forward_kl_loss", "reverse_kl_loss",
     "skew_kl_loss", "skew_reverse_kl_loss", "cross_entropy_loss", "divergence_loss", "token_entropy",
     "plackett_luce_nll", "Divergence", "TokenStatistics", "token_statistics", "VocabShard", "gather_global_ids",
-    "log_normalizer", "mask_padded_vocab", "topk_global",
+    "log_normalizer", "mask_padded_vocab", "topk_global", "minillm_loss", "MiniLLMLossOutput",
 ]

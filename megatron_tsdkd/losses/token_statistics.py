@@ -83,12 +83,18 @@ class TokenStatistics(NamedTuple):
     candidate_student: torch.Tensor  # [n, K] student (temperature-scaled) logits at its global top-K, differentiable
     candidate_teacher: torch.Tensor  # [n, K] teacher (temperature-scaled) logits at the same ids, constant
     candidate_ids: torch.Tensor      # [n, K] global vocabulary ids, largest student logit first
+    teacher_log_normalizer: torch.Tensor  # [n] log sum_v exp(z_T,v / T), constant: p_T at a candidate is exact
+    student_argmax: torch.Tensor     # [n] global id of the student's top token when ``argmax`` (else empty), constant
+    teacher_argmax: torch.Tensor     # [n] global id of the teacher's top token when ``argmax`` (else empty), constant
 
 
 def token_statistics(student: torch.Tensor, teacher: torch.Tensor | None, token_index: torch.Tensor,
                      divergence: Divergence, shard: VocabShard, *, temperature: float = 1.0,
-                     chunk_size: int = 1024, top_k: int = 0) -> TokenStatistics:
-    """Per-token statistics at rows ``token_index`` of 2-D logits [tokens, V/TP] (see the module docstring)."""
+                     chunk_size: int = 1024, top_k: int = 0, argmax: bool = False) -> TokenStatistics:
+    """Per-token statistics at rows ``token_index`` of 2-D logits [tokens, V/TP] (see the module docstring).
+
+    ``argmax`` adds both models' top-1 ids (one more small all-gather per chunk): for diagnostics at logging steps.
+    """
     if student.dim() != 2:
         raise ValueError(f"student logits must be 2-D [tokens, V/TP], got shape {tuple(student.shape)}")
     if teacher is None and divergence.kind != "none":
@@ -97,8 +103,11 @@ def token_statistics(student: torch.Tensor, teacher: torch.Tensor | None, token_
         check_same_shard(student, teacher)
     if top_k and teacher is None:
         raise ValueError("top-K candidates need teacher logits to rank them")
+    if argmax and teacher is None:
+        raise ValueError("argmax ids compare the two models and need teacher logits")
     return TokenStatistics(*_TokenStatisticsFunction.apply(
-        student, teacher, token_index.long(), divergence, shard, float(temperature), int(chunk_size), int(top_k)))
+        student, teacher, token_index.long(), divergence, shard, float(temperature), int(chunk_size), int(top_k),
+        bool(argmax)))
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -147,13 +156,14 @@ def _log_softmax_(z: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, tor
 
 class _TokenStatisticsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, token_index, divergence, shard, temperature, chunk_size, top_k):
+    def forward(ctx, student, teacher, token_index, divergence, shard, temperature, chunk_size, top_k, argmax):
         dtype = compute_dtype(student)
         n, kind, w = token_index.numel(), divergence.kind, divergence.weight
         new = lambda *shape: torch.zeros(*shape, dtype=dtype, device=student.device)  # noqa: E731
         div, h_s, h_t, lse_s, lse_t, aux = (new(n) for _ in range(6))
         cand_s, cand_t = new(n, top_k), new(n, top_k)
         cand_ids = torch.zeros(n, top_k, dtype=torch.long, device=student.device)
+        top1_s, top1_t = (torch.zeros(n if argmax else 0, dtype=torch.long, device=student.device) for _ in range(2))
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
             rows = token_index[lo:hi]
@@ -162,6 +172,9 @@ class _TokenStatisticsFunction(torch.autograd.Function):
             if top_k:
                 cand_s[lo:hi], cand_ids[lo:hi] = topk_global(z_s, top_k, shard)
                 cand_t[lo:hi] = gather_global_ids(z_t, cand_ids[lo:hi], shard)
+            if argmax:
+                top1_t[lo:hi] = topk_global(z_t, 1, shard)[1][:, 0]
+                top1_s[lo:hi] = cand_ids[lo:hi, 0] if top_k else topk_global(z_s, 1, shard)[1][:, 0]
             logp_s, p_s, lse_s[lo:hi] = _log_softmax_(z_s, shard)
             scratch = torch.mul(logp_s, p_s)
             partial = [scratch.sum(dim=1)]                                        # sum p_S log p_S
@@ -200,12 +213,12 @@ class _TokenStatisticsFunction(torch.autograd.Function):
                 aux[lo:hi] = sums[:, 2]                             # KL(p_S || m)
         ctx.save_for_backward(student, teacher, token_index, lse_s, lse_t, h_s, aux, cand_ids)
         ctx.divergence, ctx.shard, ctx.temperature, ctx.chunk_size = divergence, shard, temperature, chunk_size
-        ctx.mark_non_differentiable(h_t, cand_t, cand_ids)
-        return div, h_s, h_t, cand_s, cand_t, cand_ids
+        ctx.mark_non_differentiable(h_t, cand_t, cand_ids, lse_t, top1_s, top1_t)
+        return div, h_s, h_t, cand_s, cand_t, cand_ids, lse_t, top1_s, top1_t
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_div, grad_h_s, _grad_h_t, grad_cand_s, _grad_cand_t, _grad_ids):
+    def backward(ctx, grad_div, grad_h_s, _grad_h_t, grad_cand_s, _grad_cand_t, _grad_ids, *_constants):
         student, teacher, token_index, lse_s, lse_t, h_s, aux, cand_ids = ctx.saved_tensors
         shard, temperature, chunk = ctx.shard, ctx.temperature, ctx.chunk_size
         kind, w = ctx.divergence.kind, ctx.divergence.weight
@@ -249,4 +262,4 @@ class _TokenStatisticsFunction(torch.autograd.Function):
             if temperature != 1.0:
                 grad.div_(temperature)
             grad_student[rows, : shard.real_width] = grad.to(grad_student.dtype)
-        return grad_student, None, None, None, None, None, None, None
+        return grad_student, None, None, None, None, None, None, None, None

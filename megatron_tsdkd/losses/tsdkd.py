@@ -8,17 +8,28 @@ top-K candidates with the teacher's logits at them; everything below works on th
 [tokens, V] tensor is ever materialised in fp32. Selections (gate, entropy set, opener, candidates, ranking) are
 detached. ``reference_compat`` switches to the released code's behaviour (METHOD.md section 6); its fourth item,
 pad == eos masking, belongs to the data pipeline, not to the loss.
+
+Diagnostics (``diagnose=True``, at logging steps only; detached fp32 scalars named as TensorBoard shows them):
+- grad_norm/<term>, grad_share/<term> for term in direct, entropy, indirect: the norm of d(term)/d(student logits)
+  of the weighted terms L_direct, gamma_em * L_em, alpha * L_indirect, and norm / sum of the three norms
+  (losses/term_gradients.py; 0 for a switched-off term);
+- select/student_entropy, select/teacher_entropy: mean H_S, H_T over the entropy set I (computed for the
+  diagnostics even when use_entropy is off); select/top1_agreement: the fraction of I where
+  argmax p_S = argmax p_T;
+- rerank/teacher_mass_beyond_top1: mean over opener positions of sum_{j=2..K} p_T(c_j), the teacher's
+  probability (at temperature T) of the candidates it ranks below its favourite (0 when use_indirect is off).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from megatron_tsdkd.losses.config import TSDKDLossConfig
 from megatron_tsdkd.losses.inputs import check_same_shard, flatten_logits, target_positions, token_mean
 from megatron_tsdkd.losses.plackett_luce import plackett_luce_nll
+from megatron_tsdkd.losses.term_gradients import term_gradient_norms
 from megatron_tsdkd.losses.token_statistics import Divergence, token_statistics
 from megatron_tsdkd.losses.vocab_parallel import VocabShard
 
@@ -32,12 +43,21 @@ class TSDKDLossOutput:
     gate_mean: torch.Tensor       # mean gate w_t over targets (1 when use_gate is off)
     opener_length: torch.Tensor   # mean opener length over responses (0 when use_indirect is off)
     selected_count: torch.Tensor  # |I|, positions in the entropy term (0 when use_entropy is off)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)   # DIAGNOSTICS when diagnose, else empty
+
+
+TERMS = ("direct", "entropy", "indirect")
+DIAGNOSTICS = (*(f"grad_norm/{t}" for t in TERMS), *(f"grad_share/{t}" for t in TERMS), "select/student_entropy",
+               "select/teacher_entropy", "select/top1_agreement", "rerank/teacher_mass_beyond_top1")
 
 
 def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-               config: TSDKDLossConfig = TSDKDLossConfig(), tp_group=None, vocab_size: int | None = None
-               ) -> TSDKDLossOutput:
-    """TSD-KD over logits [batch, seq, V/TP] (logits[b, t] scores the target at t; mask[b, t] != 0 marks targets)."""
+               config: TSDKDLossConfig = TSDKDLossConfig(), tp_group=None, vocab_size: int | None = None,
+               diagnose: bool = False) -> TSDKDLossOutput:
+    """TSD-KD over logits [batch, seq, V/TP] (logits[b, t] scores the target at t; mask[b, t] != 0 marks targets).
+
+    ``diagnose`` also fills ``diagnostics`` (module docstring): one extra backward per term, so logging steps only.
+    """
     student = flatten_logits("student", student_logits, mask)
     teacher = flatten_logits("teacher", teacher_logits, mask)
     check_same_shard(student, teacher)
@@ -49,7 +69,7 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     positions = response_region(mask) if compat else target_positions(mask)
     stats = token_statistics(student, teacher, positions, Divergence.generalized_jsd(config.beta), shard,
                              temperature=config.temperature, chunk_size=config.chunk_size,
-                             top_k=config.top_k if config.use_indirect else 0)
+                             top_k=config.top_k if config.use_indirect else 0, argmax=diagnose)
     on_target = torch.nonzero(mask.reshape(-1).index_select(0, positions) != 0).view(-1)  # into `positions`
     count = on_target.numel()
     h_s, h_t = stats.student_entropy, stats.teacher_entropy
@@ -60,15 +80,16 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     direct = token_mean(gate * divergence, count)
     gate_mean = token_mean(gate, count) if count else zero + 1.0
 
-    entropy, selected_count = zero, 0
-    if config.use_entropy and count:
+    entropy, selected_count, selected = zero, 0, None
+    if (config.use_entropy or diagnose) and count:
         if compat:
             selected = reference_entropy_selection(h_s, on_target, config.rho)
         else:
             selected = on_target.index_select(0, top_entropy_selection(h_s.index_select(0, on_target), config.rho))
+    if config.use_entropy and count:
         entropy, selected_count = h_s.index_select(0, selected).mean(), selected.numel()
 
-    indirect, opener_length = zero, zero
+    indirect, opener_length, beyond_top1 = zero, zero, zero
     if config.use_indirect and count:
         rows = positions // mask.shape[1]
         if compat:
@@ -77,19 +98,50 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
             opener_length = zero + length
             if opener.numel():
                 indirect = ranking_nll(stats, opener, compat).mean()
+                if diagnose:
+                    beyond_top1 = teacher_mass_beyond_top1(stats, opener).mean()
         else:  # every target ranked, the opener's kept by a mask: no data-dependent gather, no host sync
             keep, lengths = opener_selection(h_s.index_select(0, on_target), rows.index_select(0, on_target),
                                              config.opener_fraction, *mask.shape)
             opener_length = lengths.sum() / (lengths > 0).sum()
             indirect = torch.where(keep, ranking_nll(stats, on_target, compat), 0.0).sum() / keep.sum()
+            if diagnose:
+                beyond_top1 = torch.where(keep, teacher_mass_beyond_top1(stats, on_target), 0.0).sum() / keep.sum()
 
     loss = direct
     if config.use_entropy:
         loss = loss + config.gamma_em * entropy
     if config.use_indirect:
         loss = loss + config.alpha * indirect
-    return TSDKDLossOutput(loss, direct, entropy, indirect, gate_mean.detach(), opener_length.detach(),
-                           zero + selected_count)
+    out = TSDKDLossOutput(loss, direct, entropy, indirect, gate_mean.detach(), opener_length.detach(),
+                          zero + selected_count)
+    if diagnose:
+        weighted = {"direct": direct, "entropy": config.gamma_em * entropy if config.use_entropy else zero,
+                    "indirect": config.alpha * indirect if config.use_indirect else zero}
+        out.diagnostics = term_balance(weighted, student_logits, tp_group, stats, selected, beyond_top1)
+    return out
+
+
+def term_balance(weighted_terms: dict, student_logits: torch.Tensor, tp_group, stats, selected, beyond_top1
+                 ) -> dict[str, torch.Tensor]:
+    """The DIAGNOSTICS (module docstring) from the weighted terms, the statistics and the entropy set I."""
+    norms, shares = term_gradient_norms(weighted_terms, student_logits, tp_group)
+    zero = stats.student_entropy.new_zeros(())
+    if selected is None or not selected.numel():   # no targets
+        h_s = h_t = agreement = zero
+    else:
+        h_s = stats.student_entropy.detach().index_select(0, selected).mean()
+        h_t = stats.teacher_entropy.index_select(0, selected).mean()
+        agreement = (stats.student_argmax == stats.teacher_argmax).index_select(0, selected).to(zero.dtype).mean()
+    values = [*(norms[t] for t in TERMS), *(shares[t] for t in TERMS), h_s, h_t, agreement, beyond_top1.detach()]
+    return {name: value.detach().float() for name, value in zip(DIAGNOSTICS, values)}
+
+
+def teacher_mass_beyond_top1(stats, positions: torch.Tensor) -> torch.Tensor:
+    """Per position, sum over the candidates but the teacher's favourite of p_T(c) = exp(z_T,c / T - log Z_T)."""
+    p = torch.exp(stats.candidate_teacher.index_select(0, positions)
+                  - stats.teacher_log_normalizer.index_select(0, positions).unsqueeze(1))
+    return p.sum(dim=1) - p.amax(dim=1)
 
 
 def entropy_gate(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, tau: float) -> torch.Tensor:

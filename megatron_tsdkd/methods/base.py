@@ -52,6 +52,19 @@ class DistillationConfig(MethodConfig):
 class MethodOutput:
     loss: torch.Tensor                                   # fp32 scalar, the micro-batch loss (mean over its targets)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars, logged as loss/<name>
+    # Detached scalars under their own TensorBoard names (DistillationMethod.diagnostics), filled on logging steps
+    # only; not token-weighted loss terms: the trainer averages them over micro-batches and data-parallel ranks.
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShareWarning:
+    """Ask the trainer for a one-line warning on rank 0 when the logged diagnostic ``metric`` stays below
+    ``threshold`` for ``patience`` consecutive logged steps; ``advice`` names the config keys to change."""
+    metric: str
+    threshold: float
+    patience: int
+    advice: str
 
 
 class DistillationMethod:
@@ -62,6 +75,16 @@ class DistillationMethod:
     needs_teacher: ClassVar[bool] = True
     on_policy: ClassVar[bool] = True              # may train on responses the student samples (rollout.on_policy_prob)
     logs: ClassVar[tuple[str, ...]] = ()          # metric names it reports (TensorBoard loss/<name>)
+    diagnostics: ClassVar[tuple[str, ...]] = ()   # MethodOutput.diagnostics names it reports on logging steps
+    # True: the on-policy rollout is a co-generation of student and teacher (generation/co_generation.py), not the
+    # student's own sampling; such a method also defines ``co_sampling()`` -> co_generation.CoSampling (the rule).
+    co_generation: ClassVar[bool] = False
+    # True: the loss weighs tokens by the rollout's own sampling law (importance weights), so the rollout must sample
+    # from the plain softmax: rollout.temperature 1, no top_k / top_p, not greedy (config.load_config checks it).
+    needs_exact_sampling: ClassVar[bool] = False
+    # Set by the trainer before each micro-batch's loss: True on steps whose metrics are logged. Diagnostics cost
+    # extra work (e.g. one backward per loss term), so a method computes them only then.
+    logging_step: bool = False
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.Config):
@@ -76,6 +99,10 @@ class DistillationMethod:
     def loss(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], batch: "TrainingBatch",
              *, tp_group=None, vocab_size: Optional[int] = None) -> MethodOutput:
         raise NotImplementedError
+
+    def share_warning(self) -> Optional[ShareWarning]:
+        """The diagnostic the trainer should watch, if any (from the method's settings)."""
+        return None
 
 
 METHODS: dict[str, type[DistillationMethod]] = {}

@@ -181,10 +181,14 @@ class DeepSpeedTrainer:
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.sampler.batches_per_epoch
         self.method = build_method(cfg.method)
         self.loss_names = ("total",) + self.method.logs
+        from megatron_tsdkd.training.metrics import ShareWatch
+        self.share_watch = ShareWatch(self.method.share_warning())
 
         dtype = DTYPES[cfg.precision.dtype]
         torch.manual_seed(cfg.seed)
         student = load_hf_model(inputs.student, torch.float32)   # DeepSpeed casts; fp32 masters from the source
+        if cfg.models.recompute == "full":   # each layer's input kept, the layer recomputed in the backward
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, model_parameters=param_groups(student, cfg.optimizer.weight_decay),
             config=ds_config(cfg, self.dp_size))
@@ -198,7 +202,7 @@ class DeepSpeedTrainer:
                 teacher = teacher.to(self.device)
             teacher.eval()
             self.teacher = teacher
-        self.parts = _Parts(inputs, None, self.total_steps, self.num_microbatches)
+        self.parts = _Parts(inputs, inputs.memory_plan, self.total_steps, self.num_microbatches)
         self.step = 0
         self.stopped_by_signal = False
 
@@ -339,7 +343,9 @@ class DeepSpeedTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clock = PhaseClock()   # CUDA events on GPU, wall time on CPU: no host sync inside the step
-        weighted = None
+        weighted, diagnostics = None, []
+        logged = (self.step + 1) % self.cfg.logging.interval == 0 or self.step + 1 >= self.total_steps
+        self.method.logging_step = logged   # the method computes its diagnostics on logged steps only
         for batch, count in zip(batches, counts):
             teacher_logits = None
             if self.teacher is not None:
@@ -347,6 +353,8 @@ class DeepSpeedTrainer:
                     teacher_logits = self._logits(self.teacher, batch)
             with clock.phase("student_forward"):
                 student_logits = self._logits(self.engine, batch)
+                if logged:   # DeepSpeed hooks its outputs to divide gradients by GAS outside engine.backward: the
+                    student_logits = student_logits.view_as(student_logits)   # diagnostics' autograd.grad stops here
                 if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
                     width = min(teacher_logits.shape[-1], student_logits.shape[-1])   # both >= the real vocabulary
                     teacher_logits, student_logits = teacher_logits[..., :width], student_logits[..., :width]
@@ -358,6 +366,8 @@ class DeepSpeedTrainer:
                 self.engine.step()   # DeepSpeed steps the optimizer (clipping first) at the accumulation boundary
             values = torch.stack([result.loss.detach().float()] + [result.metrics[k].float() for k in self.method.logs])
             weighted = values * count if weighted is None else weighted + values * count
+            if logged and self.method.diagnostics:
+                diagnostics.append(torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics]))
         t5 = time.perf_counter()
         self.step += 1
         if self.step % self.cfg.logging.interval and self.step < self.total_steps:
@@ -365,6 +375,8 @@ class DeepSpeedTrainer:
         grad_norm = self.engine.get_global_grad_norm()
         local = dict(zip((f"loss/{k}" for k in self.loss_names), weighted.tolist()))
         local["tokens/response"] = float(sum(int(c) for c in counts))
+        if diagnostics:   # means over micro-batches, then (reduce_to_rank0) over data-parallel ranks
+            local.update(zip(self.method.diagnostics, torch.stack(diagnostics).mean(0).tolist()))
         local.update({f"time/{k}": v for k, v in clock.pop().items()})
         local.update({
             "time/rollout": rollout_seconds, "time/step": t5 - t0, "rollout/on_policy": float(on_policy),
@@ -378,6 +390,7 @@ class DeepSpeedTrainer:
             for name in self.loss_names:
                 metrics[f"loss/{name}"] /= max(metrics["tokens/response"], 1.0)
             metrics["tokens/response"] *= self.dp_size
+            self.share_watch.observe(self.step, metrics)
         return StepResult(self.step, metrics)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -393,7 +406,7 @@ class DeepSpeedTrainer:
             log.info("engine: deepspeed ZeRO-%d (student; optimizer %s, offload %s), teacher %s", d.zero_stage,
                      d.optimizer, d.offload_optimizer,
                      "ZeRO-3 partitioned" if d.teacher_zero3_inference else "a full copy per rank")
-            for line in startup_summary(self.cfg, self.inputs, None, world_size=self.dp_size,
+            for line in startup_summary(self.cfg, self.inputs, self.inputs.memory_plan, world_size=self.dp_size,
                                         total_steps=self.total_steps, num_microbatches=self.num_microbatches,
                                         start_step=self.step):
                 log.info("%s", line)

@@ -11,6 +11,10 @@ What rank 0 shows for each logged step (every ``logging.interval`` steps, and th
   one unreadable line of carriage returns, so there the text lines are written whatever ``progress_bar`` says, and
   a terminal never gets both.
 
+- Diagnostics a method reports on logged steps (MethodOutput.diagnostics, e.g. TSD-KD's ``grad_share/*``) are
+  TensorBoard scalars under their own names; ``ShareWatch`` turns the method's ``ShareWarning`` into one warning
+  line when its diagnostic stays below the threshold for N consecutive logged steps.
+
 ``startup_summary`` is what the trainer logs before its first step and ``tsdkd-train --dry-run`` prints: layout,
 memory plan verdict, steps, data, and the config keys that differ from the defaults (the full resolved YAML at
 DEBUG level; ``tsdkd-train --print-config`` prints it, and every checkpoint holds it as config.yaml).
@@ -76,13 +80,16 @@ def peak_memory() -> str:
 
 
 def step_line(step: int, total: int, eta_seconds: Optional[float], metrics: dict[str, float], memory: str) -> str:
-    """``step 10/80 (12%) | eta 1m12s | loss 0.0351 (direct 0.03, ...) | 1,234 tokens/s | lr ... | ...``"""
+    """``step 10/80 (12%) | eta 1m12s | loss 0.0351 (direct 0.03, ...) | grad share (direct 0.2, ...) | ...``"""
     parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
     parts.append(f"eta {format_duration(eta_seconds)}" if eta_seconds is not None else "eta ?")
     terms = [f"{name[5:]} {value:.4g}" for name, value in metrics.items()
              if name.startswith("loss/") and name != "loss/total"]
     loss = f"loss {metrics.get('loss/total', float('nan')):.4g}"
     parts.append(loss + (f" ({', '.join(terms)})" if terms else ""))
+    shares = [f"{name[11:]} {value:.2g}" for name, value in metrics.items() if name.startswith("grad_share/")]
+    if shares:   # which loss term drives the update (a method's diagnostics, e.g. TSD-KD's)
+        parts.append(f"grad share ({', '.join(shares)})")
     if "throughput/tokens_per_s" in metrics:   # what TensorBoard shows: per data-parallel replica
         parts.append(f"{metrics['throughput/tokens_per_s']:,.0f} tokens/s per replica")
     if "optim/lr" in metrics:
@@ -152,6 +159,31 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class ShareWatch:
+    """One warning line on rank 0 (where the metrics are) when ``rule.metric`` has stayed below ``rule.threshold``
+    for ``rule.patience`` consecutive logged steps; warned once per such stretch (re-armed when it recovers).
+    ``rule`` None (the method asks for nothing) or a metric the step did not log: nothing happens."""
+
+    def __init__(self, rule):
+        self.rule, self.below = rule, 0
+
+    def observe(self, step: int, metrics: Optional[dict[str, float]]) -> Optional[str]:
+        """Feed one logged step's metrics; returns the warning when it fires."""
+        if self.rule is None or metrics is None or self.rule.metric not in metrics:
+            return None
+        value = metrics[self.rule.metric]
+        self.below = self.below + 1 if value < self.rule.threshold else 0
+        if self.below != self.rule.patience:
+            return None
+        group = self.rule.metric.rpartition("/")[0]
+        others = ", ".join(f"{name} {v:.3g}" for name, v in sorted(metrics.items())
+                           if name.startswith(group + "/") and name != self.rule.metric)
+        line = (f"step {step}: {self.rule.metric} = {value:.3g} has stayed below {self.rule.threshold:g} for "
+                f"{self.rule.patience} logged steps ({others}): {self.rule.advice}")
+        log.warning("%s", line)
+        return line
 
 
 def log_scalars(log_dir: str, step: int, values: dict[str, float]) -> None:
