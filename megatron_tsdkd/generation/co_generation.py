@@ -29,10 +29,8 @@ from typing import Iterable
 import torch
 
 from megatron_tsdkd.checks import require
-from megatron_tsdkd.generation.generate import GenerationOutput, _broadcast_new_tokens
-from megatron_tsdkd.generation.padded_batch import PaddedBatch
+from megatron_tsdkd.generation.generate import GenerationOutput, _device, decode, output_fields
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
-from megatron_tsdkd.generation.stage_forward import padding_aware_attention, stage_forward
 from megatron_tsdkd.generation.token_selection import filter_top_k_top_p, select_tokens
 from megatron_tsdkd.losses.vocab_parallel import VocabShard, gather_global_ids, topk_global
 
@@ -94,54 +92,19 @@ def co_generate(student, teacher, prompts: list[list[int]], config: SamplingConf
                 generator_seed: int = 0) -> CoGenerationOutput:
     """Responses for ``prompts`` chosen by ``rule`` from both models, identical on every model-parallel rank; the
     arguments mean what they mean for generate.generate (same seed: the student's draws are plain generation's)."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-    from megatron.core.utils import unwrap_model
-
-    models = (unwrap_model(student), unwrap_model(teacher))
-    device = next(models[0].parameters()).device
-    rows = [list(p) for p in prompts for _ in range(config.num_samples)]
-    batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)
-    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    device = _device(student)
     generators = (torch.Generator(device=device).manual_seed(int(generator_seed)),
                   torch.Generator(device=device).manual_seed(int(generator_seed) ^ TEACHER_STREAM_SALT))
-    total = batch.tokens.shape[1]
-    contexts = [StaticInferenceContext(len(rows), total) for _ in models]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    lengths = torch.full((len(rows),), config.max_new_tokens, dtype=torch.long, device=device)
-    teacher_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+    teacher_tokens = torch.zeros(len(prompts) * config.num_samples, dtype=torch.long, device=device)
 
-    with padding_aware_attention(models[0]), padding_aware_attention(models[1]):
-        for step in range(config.max_new_tokens):
-            known = batch.prompt_len + step
-            start = 0 if step == 0 else known - 1
-            if step == 1:
-                for context in contexts:
-                    context.enable_decode_mode()
-            mask = batch.attention_mask(start, known)
-            logits = [stage_forward(m, batch.tokens[:, start:known], mask, c) for m, c in zip(models, contexts)]
-            if logits[0] is not None:
-                s, t = (x[:, :vocab_size] for x in logits)
-                if rule.rule == "speculative":
-                    new, replaced = speculative_tokens(s, t, config, rule.top_k, generators)
-                    teacher_tokens += (replaced & ~done).long()
-                else:
-                    new = mixture_tokens(s, t, config, rule.mix_alpha, generators[0])
-            else:
-                new = torch.empty(len(rows), dtype=torch.long, device=device)
-            new = _broadcast_new_tokens(new, sampled=not config.greedy)
-            new = torch.where(done, torch.full_like(new, pad_token_id), new)
-            batch.tokens[:, known] = new
-            stops = ~done & torch.isin(new, eos)
-            lengths[stops] = step + 1
-            done |= stops
-            if bool(done.all()):
-                break
+    def pick(logits, done):
+        s, t = (x[:, :vocab_size] for x in logits)
+        if rule.rule == "speculative":
+            new, replaced = speculative_tokens(s, t, config, rule.top_k, generators)
+            teacher_tokens.add_((replaced & ~done).long())
+            return new
+        return mixture_tokens(s, t, config, rule.mix_alpha, generators[0])
 
-    generated = batch.tokens[:, batch.prompt_len:].tolist()
-    lengths_list, done_list = lengths.tolist(), done.tolist()
-    return CoGenerationOutput(
-        responses=[generated[i][:lengths_list[i]] for i in range(len(rows))],
-        prompt_index=[i // config.num_samples for i in range(len(rows))],
-        finished=done_list,
-        teacher_tokens=teacher_tokens.tolist(),
-    )
+    tokens, lengths, done = decode([student, teacher], prompts, config, pick, eos_token_ids=eos_token_ids,
+                                   pad_token_id=pad_token_id)
+    return CoGenerationOutput(**output_fields(tokens, lengths, done, config), teacher_tokens=teacher_tokens.tolist())

@@ -9,7 +9,8 @@ attention layer keeps [T, b, groups, head_dim] key/value buffers and appends the
 ``sequence_len_offset``. It works unchanged on CPU; left padding (padded_batch.py) supplies what it lacks,
 per-row prompt lengths. ``use_kv_cache=False`` re-runs the whole sequence each step instead (with a fresh
 context, so that only the last position's logits are computed, as in the cached run): the reference the tests
-and the benchmark compare against.
+and the benchmark compare against. ``decode`` is the loop itself, shared with co_generation.py, whose tokens are
+picked from the student's and the teacher's logits together.
 """
 from __future__ import annotations
 
@@ -54,32 +55,57 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_tok
     the model-parallel group. ``vocab_size`` is the real vocabulary: ids at or above it (TP padding) are never
     produced. Deterministic given ``generator_seed``; give each data-parallel replica its own seed. The draws
     of one step are made for the whole batch at once, so a row's sample also depends on the batch it is in."""
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(int(generator_seed))
+    tokens, lengths, done = decode([model], prompts, config, lambda logits, done: select_tokens(
+        logits[0], config, vocab_size, generator), eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        use_kv_cache=use_kv_cache)
+    return GenerationOutput(**output_fields(tokens, lengths, done, config))
+
+
+def _device(model) -> torch.device:
+    from megatron.core.utils import unwrap_model
+
+    return next(unwrap_model(model).parameters()).device
+
+
+def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eos_token_ids: Iterable[int],
+           pad_token_id: int, use_kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding loop every generator shares: the models (co-located, each with its own KV cache) run the new
+    column stage by stage; on the last pipeline stage ``pick(logits, done)`` turns their next-token logits (one
+    [b, V] tensor per model) into ids [b]; the ids reach every rank; a row stops at its EOS. Returns the
+    generated columns [b, max_new_tokens], each row's response length and whether it ended with an EOS."""
+    from contextlib import ExitStack
+
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.utils import unwrap_model
 
-    model = unwrap_model(model)  # generation feeds token ids and hidden states to the GPTModel itself
-    device = next(model.parameters()).device
+    models = [unwrap_model(m) for m in models]  # generation feeds token ids and hidden states to the GPTModel itself
+    device = next(models[0].parameters()).device
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(int(generator_seed))
     total = batch.tokens.shape[1]
-    context = StaticInferenceContext(len(rows), total)
+    contexts = [StaticInferenceContext(len(rows), total) for _ in models]
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     lengths = torch.full((len(rows),), config.max_new_tokens, dtype=torch.long, device=device)
 
-    with padding_aware_attention(model):
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(padding_aware_attention(model))
         for step in range(config.max_new_tokens):
             known = batch.prompt_len + step  # tokens so far; the new one goes to column `known`
             if use_kv_cache:
                 start = 0 if step == 0 else known - 1
                 if step == 1:
-                    context.enable_decode_mode()
+                    for context in contexts:
+                        context.enable_decode_mode()
             else:  # a fresh cache each step: the whole sequence is recomputed, only the last logits are made
-                start, context = 0, StaticInferenceContext(len(rows), total)
-            logits = stage_forward(model, batch.tokens[:, start:known], batch.attention_mask(start, known), context)
-            if logits is not None:
-                new = select_tokens(logits, config, vocab_size, generator)
+                start, contexts = 0, [StaticInferenceContext(len(rows), total) for _ in models]
+            mask = batch.attention_mask(start, known)
+            logits = [stage_forward(m, batch.tokens[:, start:known], mask, c) for m, c in zip(models, contexts)]
+            if logits[0] is not None:
+                new = pick(logits, done)
             else:
                 new = torch.empty(len(rows), dtype=torch.long, device=device)
             new = _broadcast_new_tokens(new, sampled=not config.greedy)
@@ -88,13 +114,13 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_tok
             stops = ~done & torch.isin(new, eos)
             lengths[stops] = step + 1
             done |= stops
-            if bool(done.all()):
+            if bool(done.all()):   # the schedule's one host sync per token: every rank stops together
                 break
+    return batch.tokens[:, batch.prompt_len:], lengths, done
 
-    generated = batch.tokens[:, batch.prompt_len:].tolist()
-    lengths_list, done_list = lengths.tolist(), done.tolist()
-    return GenerationOutput(
-        responses=[generated[i][:lengths_list[i]] for i in range(len(rows))],
-        prompt_index=[i // config.num_samples for i in range(len(rows))],
-        finished=done_list,
-    )
+
+def output_fields(tokens: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, config: SamplingConfig) -> dict:
+    """GenerationOutput's fields from ``decode``'s tensors (the host copy the caller needs anyway)."""
+    generated, lengths_list = tokens.tolist(), lengths.tolist()
+    return dict(responses=[generated[i][:lengths_list[i]] for i in range(len(generated))],
+                prompt_index=[i // config.num_samples for i in range(len(generated))], finished=done.tolist())
