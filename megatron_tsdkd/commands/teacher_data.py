@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_tsdkd.generation import SamplingConfig, generate
 from megatron_tsdkd.models.dtypes import DTYPES
+from megatron_tsdkd.runtime.atomic_files import write_json_atomic
 from megatron_tsdkd.runtime.collectives import barrier, broadcast_object, gather_objects
 from megatron_tsdkd.runtime.seeds import derive_seed
 
@@ -159,10 +160,7 @@ def check_settings(path: str, settings: dict) -> None:
             raise SystemExit(f"error: --output was written with other settings ({', '.join(changed)} differ from "
                              f"{path}); resume with the same settings or write to a new output file")
     else:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, settings, indent=1, sort_keys=True)
 
 
 def write_teacher_data(args, source, config: SamplingConfig) -> None:

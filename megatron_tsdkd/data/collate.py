@@ -63,39 +63,62 @@ def _padded_length(longest: int, pad_to: Optional[int], multiple_of: int) -> int
     return -(-length // multiple_of) * multiple_of
 
 
+def response_weights(examples: Sequence[TokenizedExample]) -> Optional[list[list[float]]]:
+    """The examples' float per-response-token loss weights (``WeightedExample``), 1.0 for unweighted ones; None
+    when no example is weighted (then every target weighs 1)."""
+    if not any(getattr(e, "response_weights", None) is not None for e in examples):
+        return None
+    return [list(e.response_weights) if getattr(e, "response_weights", None) is not None
+            else [1.0] * len(e.response_ids) for e in examples]
+
+
 def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id: int, pad_to: Optional[int] = None,
                      pad_to_multiple_of: int = 1) -> TrainingBatch:
-    """(prompt ids, response ids) pairs or ``TokenizedExample``s -> a right-padded ``TrainingBatch``."""
+    """(prompt ids, response ids[, response weights]) tuples or ``TokenizedExample``s -> a right-padded
+    ``TrainingBatch``. Response weights (floats, one per response token) become ``loss_mask`` values as they are;
+    without them every response target weighs 1.0."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    pairs = [(e.prompt_ids, e.response_ids) if isinstance(e, TokenizedExample) else e for e in examples]
-    lengths = [len(p) + len(r) for p, r in pairs]
-    if any(len(p) == 0 for p, _ in pairs):
+    rows = [(e.prompt_ids, e.response_ids, getattr(e, "response_weights", None)) if isinstance(e, TokenizedExample)
+            else (e[0], e[1], e[2] if len(e) > 2 else None) for e in examples]
+    lengths = [len(p) + len(r) for p, r, _ in rows]
+    if any(len(p) == 0 for p, _, _ in rows):
         raise ValueError("every example needs at least one prompt token")
     width = _padded_length(max(lengths), pad_to, pad_to_multiple_of)
-    input_ids = torch.full((len(pairs), width + 1), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(pairs), width), dtype=torch.float32)
-    for row, (prompt, response) in enumerate(pairs):
+    input_ids = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for row, (prompt, response, weights) in enumerate(rows):
         ids = list(prompt) + list(response)
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        loss_mask[row, len(prompt) - 1:len(ids) - 1] = 1.0
+        if weights is None:
+            loss_mask[row, len(prompt) - 1:len(ids) - 1] = 1.0
+        else:
+            if len(weights) != len(response):
+                raise ValueError(f"row {row}: {len(weights)} response weights for {len(response)} response tokens")
+            loss_mask[row, len(prompt) - 1:len(ids) - 1] = torch.tensor(list(weights), dtype=torch.float32)
     return TrainingBatch(
         input_ids=input_ids[:, :width].contiguous(),
         labels=input_ids[:, 1:].contiguous(),
         loss_mask=loss_mask,
-        position_ids=torch.arange(width, dtype=torch.long).expand(len(pairs), width).contiguous(),
-        prompt_lengths=torch.tensor([len(p) for p, _ in pairs], dtype=torch.long),
+        position_ids=torch.arange(width, dtype=torch.long).expand(len(rows), width).contiguous(),
+        prompt_lengths=torch.tensor([len(p) for p, _, _ in rows], dtype=torch.long),
         lengths=torch.tensor(lengths, dtype=torch.long),
     )
 
 
 def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_length: int,
-                  device=None) -> tuple[list[TrainingBatch], int]:
+                  device=None, weights: Optional[Sequence[Sequence[float]]] = None) -> tuple[list[TrainingBatch], int]:
     """One optimizer step's (prompt, response) pairs -> micro-batches of ``micro_size`` rows, all of ONE length
     (the pipeline's p2p buffers need one shape per step). Responses are cut so a row holds at most ``max_length``
-    tokens."""
-    pairs = [(p, list(r)[:max(max_length - len(p), 0)]) for p, r in pairs]
-    length = max(len(p) + len(r) for p, r in pairs)
+    tokens. ``weights``: optional float loss weights per response token of each pair, cut with their responses."""
+    if weights is not None and len(weights) != len(pairs):
+        raise ValueError(f"{len(weights)} weight rows for {len(pairs)} pairs")
+    cut = [max(max_length - len(p), 0) for p, _ in pairs]
+    if weights is None:
+        pairs = [(p, list(r)[:c]) for (p, r), c in zip(pairs, cut)]
+    else:
+        pairs = [(p, list(r)[:c], list(w)[:c]) for (p, r), w, c in zip(pairs, weights, cut)]
+    length = max(len(p) + len(r) for p, r, *_ in pairs)
     batches = [collate_training(pairs[start:start + micro_size], pad_id, pad_to=length)
                for start in range(0, len(pairs), micro_size)]
     return [b.to(device) for b in batches] if device is not None else batches, length

@@ -5,10 +5,17 @@ give sequence-level KD, lambda = 0), ``on_policy`` keeps prompts only, for the s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .chat_tokenization import ChatTemplateTokenizer, TokenizedExample, TruncationStats, fit_to_length
 from .records import MODES, Mode, read_jsonl
+
+
+@dataclass
+class WeightedExample(TokenizedExample):
+    """An example whose response tokens carry float loss weights (KPOD): ``loss_mask`` takes them as they are."""
+    response_weights: list[float] = field(default_factory=list)
 
 
 class ChatDataset:
@@ -22,6 +29,10 @@ class ChatDataset:
 
     def __getitem__(self, index: int) -> TokenizedExample:
         return self.examples[index]
+
+    def for_epoch(self, epoch: int) -> "ChatDataset":
+        """The examples of training epoch ``epoch``: the same every epoch here; a schedule (KPOD) varies them."""
+        return self
 
 
 def load_chat_dataset(path: str, tokenizer, mode: Mode = "off_policy", max_length: int = 512,

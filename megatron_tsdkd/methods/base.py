@@ -82,6 +82,9 @@ class DistillationMethod:
     # True: the loss weighs tokens by the rollout's own sampling law (importance weights), so the rollout must sample
     # from the plain softmax: rollout.temperature 1, no top_k / top_p, not greedy (config.load_config checks it).
     needs_exact_sampling: ClassVar[bool] = False
+    # The engines that can run it and why not the others: engine=deepspeed has the student's own generate only and
+    # the plain data path (no co-generation, no per-epoch weighted samples).
+    engines: ClassVar[tuple[str, ...]] = ("megatron", "deepspeed")
     # Set by the trainer before each micro-batch's loss: True on steps whose metrics are logged. Diagnostics cost
     # extra work (e.g. one backward per loss term), so a method computes them only then.
     logging_step: bool = False

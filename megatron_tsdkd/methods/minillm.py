@@ -33,6 +33,7 @@ class MiniLLMConfig(DistillationConfig):
 @register
 class MiniLLM(DistillationMethod):
     name = "minillm"
+    engines = ("megatron",)
     Config = MiniLLMConfig
     co_generation = True
     needs_exact_sampling = True

@@ -45,6 +45,7 @@ class SKDConfig(DistillationConfig):
 @register
 class SpeculativeKD(DistillationMethod):
     name = "skd"
+    engines = ("megatron",)
     Config = SKDConfig
     co_generation = True
     logs = ("divergence",)        # the chosen divergence (method.skd_divergence)

@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_tsdkd.models import HF_META_DIR, ModelError, copy_hf_meta
 from megatron_tsdkd.models.mcore_checkpoint import LATEST_MARKER, read_latest
+from megatron_tsdkd.runtime.atomic_files import write_text_atomic
 from megatron_tsdkd.runtime.collectives import barrier
 from megatron_tsdkd.training.preemption import job_signals_deferred
 
@@ -47,14 +48,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _write_manifest(folder: str) -> None:
     sizes = {}
@@ -62,7 +55,7 @@ def _write_manifest(folder: str) -> None:
         for name in files:
             path = os.path.join(root, name)
             sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    _atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(sizes, indent=1, sort_keys=True))
+    write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(sizes, indent=1, sort_keys=True))
 
 
 def verify(folder: str) -> None:
@@ -109,12 +102,12 @@ def save(root: str, step: int, sharded_state: dict, hf_meta_src: Optional[str], 
         if hf_meta_src:
             copy_hf_meta(hf_meta_src, os.path.join(partial, HF_META_DIR))
         for name, text in (files or {}).items():
-            _atomic_write_text(os.path.join(partial, name), text)
+            write_text_atomic(os.path.join(partial, name), text)
         _write_manifest(partial)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        _atomic_write_text(os.path.join(root, LATEST_MARKER), step_dir_name(step))
+        write_text_atomic(os.path.join(root, LATEST_MARKER), step_dir_name(step))
         _prune(root, keep_last)
     barrier()
     return final

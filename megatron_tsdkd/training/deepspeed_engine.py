@@ -47,6 +47,7 @@ from megatron_tsdkd.methods import build_method
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.runtime.seeds import derive_seed
 from megatron_tsdkd.training.inputs import PreflightError, RunInputs, check_inputs
+from megatron_tsdkd.training.loop import StepResult, TrainingLoop
 from megatron_tsdkd.training.preemption import PreemptionFlag, job_signals_deferred
 
 log = logging.getLogger("megatron_tsdkd.train")
@@ -141,12 +142,6 @@ def load_hf_model(source, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @dataclass
-class StepResult:
-    step: int
-    metrics: Optional[dict[str, float]]   # on global rank 0 only
-
-
-@dataclass
 class _Parts:   # what metrics.startup_summary reads
     inputs: RunInputs
     memory_plan: object
@@ -154,7 +149,7 @@ class _Parts:   # what metrics.startup_summary reads
     num_microbatches: int
 
 
-class DeepSpeedTrainer:
+class DeepSpeedTrainer(TrainingLoop):
     def __init__(self, cfg: TrainConfig, inputs: Optional[RunInputs] = None):
         import deepspeed
 
@@ -216,7 +211,8 @@ class DeepSpeedTrainer:
     def save_checkpoint(self) -> str:
         from megatron_tsdkd.models import HF_META_DIR, copy_hf_meta
         from megatron_tsdkd.runtime.collectives import barrier
-        from megatron_tsdkd.training.checkpoint import _atomic_write_text, _prune, step_dir_name
+        from megatron_tsdkd.runtime.atomic_files import write_text_atomic
+        from megatron_tsdkd.training.checkpoint import _prune, step_dir_name
         from megatron_tsdkd.training.run_config import CONFIG_FILE, config_yaml
 
         c = self.cfg.checkpoint
@@ -228,8 +224,8 @@ class DeepSpeedTrainer:
         barrier()
         if self.rank == 0:
             copy_hf_meta(self.inputs.student.meta_dir, os.path.join(folder, HF_META_DIR))
-            _atomic_write_text(os.path.join(folder, CONFIG_FILE), config_yaml(self.cfg))
-            _atomic_write_text(os.path.join(c.dir, LATEST), tag)   # every rank's shard is on disk
+            write_text_atomic(os.path.join(folder, CONFIG_FILE), config_yaml(self.cfg))
+            write_text_atomic(os.path.join(c.dir, LATEST), tag)   # every rank's shard is on disk
             _prune(c.dir, c.keep_last)
         barrier()
         return folder
@@ -394,49 +390,15 @@ class DeepSpeedTrainer:
         return StepResult(self.step, metrics)
 
     # ----------------------------------------------------------------------------------------------------------
-    # the loop (the megatron engine's, with its stop_after / signal / save rules)
+    # the loop: training/loop.py (the megatron engine's), with this engine's line in the summary
 
-    def train(self, stop_after: Optional[int] = None, summary: bool = True) -> list[StepResult]:
-        from megatron_tsdkd.training.metrics import MetricsLogger, startup_summary
-
-        self.maybe_resume()
-        resumed_at, flag, interval = self.step, self.preemption, self.cfg.checkpoint.interval
-        if summary and self.rank == 0:
+    def log_summary(self) -> None:
+        if self.rank == 0:
             d = self.cfg.deepspeed
             log.info("engine: deepspeed ZeRO-%d (student; optimizer %s, offload %s), teacher %s", d.zero_stage,
                      d.optimizer, d.offload_optimizer,
                      "ZeRO-3 partitioned" if d.teacher_zero3_inference else "a full copy per rank")
-            for line in startup_summary(self.cfg, self.inputs, self.inputs.memory_plan, world_size=self.dp_size,
-                                        total_steps=self.total_steps, num_microbatches=self.num_microbatches,
-                                        start_step=self.step):
-                log.info("%s", line)
-        logger = MetricsLogger(self.cfg.logging.dir, self.total_steps, self.step, self.cfg.logging.progress_bar,
-                               name=self.cfg.method.name)
-        history = []
-        try:
-            while self.step < self.total_steps:
-                result = self.train_step()
-                history.append(result)
-                if result.metrics is not None:
-                    logger.log(self.step, result.metrics)
-                if stop_after is not None and self.step >= stop_after:
-                    break
-                periodic = bool(interval) and self.step % interval == 0 and self.step < self.total_steps
-                path = self.save_checkpoint() if periodic else None
-                if flag.any_rank_received():
-                    self.stopped_by_signal = True
-                    path = path or self.save_checkpoint()
-                    if self.rank == 0:
-                        log.warning("signal received (%s on this rank): saved %s at step %d; stopping",
-                                    flag.name, path, self.step)
-                    break
-            else:
-                if self.step > resumed_at:
-                    self.save_checkpoint()
-        finally:
-            logger.close()
-            flag.restore()
-        return history
+        super().log_summary()
 
 
 def run_deepspeed_job(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> DeepSpeedTrainer:

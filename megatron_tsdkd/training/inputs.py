@@ -71,6 +71,16 @@ def _dataset(key: str, path: str, chat: ChatTemplateTokenizer, cfg: TrainConfig,
         raise PreflightError(f"{key}: {error}") from None
 
 
+def _kpod_dataset(train: ChatDataset, cfg: TrainConfig) -> ChatDataset:
+    from megatron_tsdkd.kpod.samples import check_schedule_settings, load_kpod_dataset
+
+    try:
+        check_schedule_settings(cfg.method)
+        return load_kpod_dataset(train, cfg.method.prepared_dir, cfg.method.use_token_weights)
+    except (OSError, ValueError) as error:
+        raise PreflightError(f"method.prepared_dir: {error}") from None
+
+
 def check_inputs(cfg: TrainConfig) -> RunInputs:
     from megatron_tsdkd.methods import method_class
 
@@ -96,6 +106,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
         raise PreflightError(f"models: {error}") from None
     mode = "on_policy" if cfg.rollout.on_policy_prob >= 1.0 else "off_policy"  # off-policy steps need responses
     train = _dataset("data.train", cfg.data.train, chat, cfg, mode)
+    if cfg.method.name == "kpod":   # its per-epoch weighted samples, from the prepared artefacts
+        train = _kpod_dataset(train, cfg)
     eval_examples = _dataset("data.eval", cfg.data.eval, chat, cfg, "on_policy").examples if cfg.data.eval else []
     unanswered = next((e.source for e in eval_examples if e.answer is None), None)
     if unanswered:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
 from functools import partial
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,13 +32,16 @@ from megatron.core.utils import unwrap_model
 
 from megatron_tsdkd.config import TrainConfig
 from megatron_tsdkd.data import TrainingBatch, micro_batches
+from megatron_tsdkd.data.collate import response_weights
 from megatron_tsdkd.generation import generate
+from megatron_tsdkd.generation.co_generation import co_generate
 from megatron_tsdkd.models import MODEL_KEY
 from megatron_tsdkd.runtime import device
 from megatron_tsdkd.runtime.seeds import derive_seed
 from megatron_tsdkd.training import checkpoint
 from megatron_tsdkd.training.build import TrainingParts, build_parts
-from megatron_tsdkd.training.metrics import MetricsLogger, log_startup_summary, reduce_to_rank0
+from megatron_tsdkd.training.loop import StepResult, TrainingLoop
+from megatron_tsdkd.training.metrics import ShareWatch, reduce_to_rank0
 from megatron_tsdkd.training.optim import adam_step, materialise_optimizer_state, set_adam_step
 from megatron_tsdkd.training.run_config import CONFIG_FILE, config_yaml
 
@@ -50,13 +51,7 @@ log = logging.getLogger("megatron_tsdkd.train")
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-@dataclass
-class StepResult:
-    step: int
-    metrics: Optional[dict[str, float]]   # on global rank 0 only
-
-
-class Trainer:
+class Trainer(TrainingLoop):
     def __init__(self, cfg: TrainConfig, parts: TrainingParts):
         self.cfg, self.parts = cfg, parts
         self.student, self.stage, self.method = parts.student, parts.stage, parts.method
@@ -67,8 +62,10 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.step = 0
         self.stopped_by_signal = False
+        self.preemption = parts.preemption
         self.forward_backward = get_forward_backward_func()
         self.loss_names = ("total",) + self.method.logs
+        self.share_watch = ShareWatch(self.method.share_warning())
 
     # ----------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -113,28 +110,42 @@ class Trainer:
     # one step
 
     def _rollout(self, examples) -> tuple[list, bool, float]:
-        """The step's (prompt, response) pairs: sampled by the student with probability lambda, else the data's;
-        and the seconds the sampling took."""
+        """The step's (prompt, response) pairs: sampled by the student (or, for a co-generation method, by student
+        and teacher together) with probability lambda, else the data's; and the seconds the sampling took."""
         r = self.cfg.rollout
         if random.Random(derive_seed(self.cfg.seed, self.step)).random() >= r.on_policy_prob:
             return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0
         start = time.perf_counter()
-        out = generate(unwrap_model(self.student), [e.prompt_ids for e in examples], r,
-                       eos_token_ids=self.tokens.stop_ids, pad_token_id=self.tokens.pad_id,
-                       vocab_size=self.tokens.vocab_size,
-                       generator_seed=derive_seed(self.cfg.seed, self.step, salt=1 + self.dp_rank))
+        prompts = [e.prompt_ids for e in examples]
+        common = dict(eos_token_ids=self.tokens.stop_ids, pad_token_id=self.tokens.pad_id,
+                      vocab_size=self.tokens.vocab_size,
+                      generator_seed=derive_seed(self.cfg.seed, self.step, salt=1 + self.dp_rank))
+        if self.method.co_generation:   # both models pick each token (SKD, MiniLLM): the co-located teacher joins
+            out = co_generate(unwrap_model(self.student), unwrap_model(self.stage.teacher), prompts, r,
+                              self.method.co_sampling(), **common)
+        else:
+            out = generate(unwrap_model(self.student), prompts, r, **common)
         pairs = [(examples[i // r.num_samples].prompt_ids, resp) for i, resp in enumerate(out.responses)]
         return pairs, True, time.perf_counter() - start
 
+    def _logged(self, step: int) -> bool:
+        """Whether ``step`` (1-based) logs metrics: every ``logging.interval`` steps, and the last one."""
+        return step % self.cfg.logging.interval == 0 or step >= self.total_steps
+
     def _loss(self, batch: TrainingBatch, output):
         """Loss weighted by the micro-batch's response tokens (see the module docstring), the token count for the
-        schedule, and the weighted values to log (one device tensor: no host sync here)."""
+        schedule, and the weighted values to log (one device tensor: no host sync here); on logged steps also the
+        method's diagnostics (plain per-micro-batch values, not token-weighted)."""
         student_logits, teacher_logits = output
+        self.method.logging_step = self._logged(self.step + 1)   # the step this schedule runs
         result = self.method.loss(student_logits, teacher_logits, batch, tp_group=self.tp_group,
                                   vocab_size=self.tokens.vocab_size)
         tokens = (batch.loss_mask != 0).sum()   # targets, whatever their (float) weights
         values = torch.stack([result.loss.detach()] + [result.metrics[k].float() for k in self.method.logs])
-        return result.loss * tokens, tokens.to(torch.int), {"weighted": values * tokens, "tokens": tokens}
+        reported = {"weighted": values * tokens, "tokens": tokens}
+        if self.method.logging_step and self.method.diagnostics:
+            reported["diagnostics"] = torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics])
+        return result.loss * tokens, tokens.to(torch.int), reported
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -142,10 +153,13 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
-        examples = [self.parts.inputs.train[i] for i in self.sampler.next_batch()]
+        indices = self.sampler.next_batch()
+        train = self.parts.inputs.train.for_epoch(self.sampler.epoch)   # the epoch of this batch (KPOD stages)
+        examples = [train[i] for i in indices]
         pairs, on_policy, rollout_seconds = self._rollout(examples)
+        weights = None if on_policy else response_weights(examples)   # float loss weights of off-policy data
         batches, seq_len = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id,
-                                         self.cfg.data.max_length, device())
+                                         self.cfg.data.max_length, device(), weights=weights)
         self.stage.clock.pop()
         self.optimizer.zero_grad()
         self.student.zero_grad_buffer()
@@ -161,7 +175,7 @@ class Trainer:
         t3 = time.perf_counter()
         self.step += 1
         phases = self.stage.clock.pop()
-        if self.step % self.cfg.logging.interval and self.step < self.total_steps:
+        if not self._logged(self.step):
             return StepResult(self.step, None)  # metrics cost a host sync and a collective: logged steps only
         local = None
         if ps.is_pipeline_last_stage():
@@ -169,6 +183,9 @@ class Trainer:
             tokens = torch.stack([r["tokens"] for r in reported]).sum()
             local = dict(zip((f"loss/{k}" for k in self.loss_names), weighted.tolist()))
             local["tokens/response"] = float(tokens)
+            if "diagnostics" in reported[0]:   # means over micro-batches, then (reduce_to_rank0) over DP ranks
+                diagnostics = torch.stack([r["diagnostics"] for r in reported]).mean(0)
+                local.update(zip(self.method.diagnostics, diagnostics.tolist()))
             forward = phases.get("teacher_forward", 0.0) + phases.get("student_forward", 0.0)
             local.update({
                 "time/rollout": rollout_seconds, "time/teacher_forward": phases.get("teacher_forward", 0.0),
@@ -185,46 +202,8 @@ class Trainer:
             for name in self.loss_names:
                 metrics[f"loss/{name}"] /= max(metrics["tokens/response"], 1.0)
             metrics["tokens/response"] *= ps.get_data_parallel_world_size()   # the step's total
+            self.share_watch.observe(self.step, metrics)
         return StepResult(self.step, metrics)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # the loop
-
-    def train(self, stop_after: Optional[int] = None, summary: bool = True) -> list[StepResult]:
-        """Run to the last step. ``stop_after`` ends the loop after that step WITHOUT saving, as if the job were
-        killed (tests use it to prove resume exactness). ``summary``: log the start-up summary on rank 0 (the job
-        logs it itself when it evaluates first)."""
-        self.maybe_resume()
-        resumed_at, flag, interval = self.step, self.parts.preemption, self.cfg.checkpoint.interval
-        if summary:   # rank 0: layout, memory plan, steps, data, config
-            log_startup_summary(self.cfg, self.parts, start_step=self.step)
-        logger = MetricsLogger(self.cfg.logging.dir, self.total_steps, self.step, self.cfg.logging.progress_bar,
-                               name=self.cfg.method.name)
-        history = []
-        try:
-            while self.step < self.total_steps:
-                result = self.train_step()
-                history.append(result)
-                if result.metrics is not None:
-                    logger.log(self.step, result.metrics)
-                if stop_after is not None and self.step >= stop_after:
-                    break
-                periodic = bool(interval) and self.step % interval == 0 and self.step < self.total_steps
-                path = self.save_checkpoint() if periodic else None
-                if flag.any_rank_received():   # also one that came during that save: it is the save it asks for
-                    self.stopped_by_signal = True
-                    path = path or self.save_checkpoint()
-                    if dist.get_rank() == 0:
-                        log.warning("signal received (%s on this rank): saved %s at step %d; stopping",
-                                    flag.name, path, self.step)
-                    break
-            else:
-                if self.step > resumed_at:  # a job requeued after its last step has nothing new to save
-                    self.save_checkpoint()
-        finally:
-            logger.close()
-            flag.restore()
-        return history
 
 
 def build_trainer(cfg: TrainConfig, inputs=None) -> Trainer:

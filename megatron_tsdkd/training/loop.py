@@ -1,0 +1,68 @@
+"""The outer training loop both engines share (training/trainer.py, training/deepspeed_engine.py): resume, the
+start-up summary, the steps and their metrics, periodic saves, the save a preemption signal asks for, the final
+save. One place for the rules a user relies on: a requeued job resumes where it stopped, a signal costs at most the
+step in flight, a finished job that is requeued saves nothing new.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_tsdkd.training.metrics import MetricsLogger, log_startup_summary
+
+log = logging.getLogger("megatron_tsdkd.train")
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: Optional[dict[str, float]]   # on global rank 0 only, on logged steps
+
+
+class TrainingLoop:
+    """Mixin. The engine provides ``cfg``, ``parts`` (inputs, memory_plan, total_steps, num_microbatches),
+    ``total_steps``, ``step``, ``preemption`` (a PreemptionFlag), ``stopped_by_signal`` and ``maybe_resume()``,
+    ``train_step() -> StepResult``, ``save_checkpoint() -> str``."""
+
+    def log_summary(self) -> None:
+        """Rank 0: layout, memory plan, steps, data, config (an engine may add its own lines)."""
+        log_startup_summary(self.cfg, self.parts, start_step=self.step)
+
+    def train(self, stop_after: Optional[int] = None, summary: bool = True) -> list[StepResult]:
+        """Run to the last step. ``stop_after`` ends the loop after that step WITHOUT saving, as if the job were
+        killed (tests use it to prove resume exactness). ``summary``: log the start-up summary on rank 0 (the job
+        logs it itself when it evaluates first)."""
+        self.maybe_resume()
+        resumed_at, flag, interval = self.step, self.preemption, self.cfg.checkpoint.interval
+        if summary:
+            self.log_summary()
+        logger = MetricsLogger(self.cfg.logging.dir, self.total_steps, self.step, self.cfg.logging.progress_bar,
+                               name=self.cfg.method.name)
+        history = []
+        try:
+            while self.step < self.total_steps:
+                result = self.train_step()
+                history.append(result)
+                if result.metrics is not None:
+                    logger.log(self.step, result.metrics)
+                if stop_after is not None and self.step >= stop_after:
+                    break
+                periodic = bool(interval) and self.step % interval == 0 and self.step < self.total_steps
+                path = self.save_checkpoint() if periodic else None
+                if flag.any_rank_received():   # also one that came during that save: it is the save it asks for
+                    self.stopped_by_signal = True
+                    path = path or self.save_checkpoint()
+                    if dist.get_rank() == 0:
+                        log.warning("signal received (%s on this rank): saved %s at step %d; stopping",
+                                    flag.name, path, self.step)
+                    break
+            else:
+                if self.step > resumed_at:  # a job requeued after its last step has nothing new to save
+                    self.save_checkpoint()
+        finally:
+            logger.close()
+            flag.restore()
+        return history
