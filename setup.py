@@ -32,6 +32,8 @@ setup(
             "tsdkd-eval=megatron_tsdkd.cli:eval_main",
             "tsdkd-convert=megatron_tsdkd.cli:convert_main",
             "tsdkd-plan=megatron_tsdkd.cli:plan_main",
+            "tsdkd-study=megatron_tsdkd.study.command:main",
+            "tsdkd-kpod-prepare=megatron_tsdkd.kpod.command:main",
         ]
     },
 )

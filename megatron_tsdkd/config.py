@@ -287,7 +287,37 @@ def _check(cfg: TrainConfig) -> None:
     need(method.on_policy or not cfg.rollout.on_policy_prob, "rollout.on_policy_prob",
          f"method {method.name} trains on the data set's responses only; set it to 0 or leave it unset "
          f"(got {cfg.rollout.on_policy_prob})")
+    r = cfg.rollout
+    lam = method.default_on_policy_prob() if r.on_policy_prob is None else r.on_policy_prob
+    need(not (method.needs_exact_sampling and lam)
+         or (r.temperature == 1.0 and r.top_k == 0 and r.top_p == 1.0 and not r.greedy), "rollout",
+         f"method {method.name} weighs tokens by the sampling law itself: set rollout.temperature=1 rollout.top_k=0 "
+         f"rollout.top_p=1 rollout.greedy=false (got temperature {r.temperature}, top_k {r.top_k}, top_p {r.top_p}, "
+         f"greedy {r.greedy})")
+    need(cfg.engine in method.engines, "engine",
+         f"method {method.name} runs on engine={' or '.join(method.engines)} only ("
+         + ("it samples with student and teacher together, generation/co_generation.py" if method.co_generation
+            else "engine=deepspeed has the plain data path only") + f"), got {cfg.engine}")
+    _check_sequence_ranking(cfg, need)
     _check_deepspeed(cfg, need)
+
+
+def _check_sequence_ranking(cfg: TrainConfig, need) -> None:
+    """method.indirect_level=sequence ranks the rollout's num_samples responses of each prompt, which the rollout
+    lays out as consecutive rows (training/trainer.py _rollout) and micro_batches cuts in runs of micro_size rows:
+    every step must be sampled (off-policy steps hold one data-set response per prompt) and no prompt's
+    candidates may be split between micro-batches."""
+    if getattr(cfg.method, "indirect_level", "token") != "sequence":
+        return
+    n, lam = cfg.rollout.num_samples, cfg.rollout.on_policy_prob
+    need(n >= 2, "rollout.num_samples", f"must be >= 2 with method.indirect_level=sequence (the teacher ranks the "
+                                        f"student's candidate responses of each prompt), got {n}")
+    need(lam is None or lam == 1.0, "rollout.on_policy_prob",
+         f"must be 1 (or unset) with method.indirect_level=sequence: off-policy steps carry one data-set response "
+         f"per prompt, nothing to rank; got {lam}")
+    need(cfg.batch.micro_size % n == 0, "batch.micro_size",
+         f"must be a multiple of rollout.num_samples ({n}) with method.indirect_level=sequence, so each prompt's "
+         f"candidates share a micro-batch; got {cfg.batch.micro_size}")
 
 
 def _check_deepspeed(cfg: TrainConfig, need) -> None:
