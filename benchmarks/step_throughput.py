@@ -210,8 +210,8 @@ def ours(args, root: str, attention: str) -> dict:
     shapes = []
     collate = trainer_module.micro_batches
 
-    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None):
-        batches, length = collate(pairs, micro_size, pad_id, max_length, device)
+    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None, **options):
+        batches, length = collate(pairs, micro_size, pad_id, max_length, device, **options)
         shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
         return batches, length
 
@@ -250,8 +250,8 @@ def ours_deepspeed(args, root: str) -> dict:
     shapes = []
     collate = ds_module.micro_batches
 
-    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None):
-        batches, length = collate(pairs, micro_size, pad_id, max_length, device)
+    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None, **options):
+        batches, length = collate(pairs, micro_size, pad_id, max_length, device, **options)
         shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
         return batches, length
 
