@@ -196,27 +196,22 @@ def train_overrides(args, root: str) -> list[str]:
         f"data.max_prompt_length={args.prompt_length}", "memory.enforce=false"]
 
 
-def ours(args, root: str, attention: str) -> dict:
-    """Our trainer's step: warm-up, then ``--steps`` steps; the trainer's time/* metrics, the real and padded
-    token counts, the row lengths (for attention FLOPs), peak memory and the planner's prediction."""
-    import megatron_tsdkd.training.trainer as trainer_module
-    from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.models.attention import resolve_attention_backend
+def _measure(args, module, build, cfg) -> dict:
+    """Warm-up, then ``--steps`` steps of the trainer ``build(cfg)`` from ``module`` (whose ``micro_batches`` is
+    watched for the step's shapes); the trainer's time/* metrics, row lengths, peak memory and the plan."""
     from megatron_tsdkd.training.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
-    from megatron_tsdkd.training.trainer import build_trainer
 
     memory = _memory_start()
-    cfg = load_config(None, train_overrides(args, root) + [f"models.attention={attention}"])
     shapes = []
-    collate = trainer_module.micro_batches
+    collate = module.micro_batches
 
     def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None, **options):
         batches, length = collate(pairs, micro_size, pad_id, max_length, device, **options)
         shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
         return batches, length
 
-    trainer_module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
-    trainer = build_trainer(cfg)
+    module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
+    trainer = build(cfg)
     plan = trainer.parts.memory_plan
     trainer.train_step()  # warm-up
     _sync()
@@ -229,14 +224,24 @@ def ours(args, root: str, attention: str) -> dict:
                       "rows": shapes[-1][0], "padded_length": shapes[-1][1]})
     inputs = trainer.parts.inputs
     return {
-        "attention": resolve_attention_backend(attention), "steps": steps,
-        "student": _spec_dict(inputs.student.arch),
+        "steps": steps, "student": _spec_dict(inputs.student.arch),
         "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
-        "padded_vocab": trainer.tokens.padded_vocab_size, "tokenizer_vocab": trainer.tokens.vocab_size,
+        "padded_vocab": plan.padded_vocab, "tokenizer_vocab": trainer.tokens.vocab_size,
         "plan_peak_bytes": max(plan.peaks), "plan_reserve_bytes": RUNTIME_RESERVE,
         "plan_capacity_gib": plan.capacity / PLAN_GIB, "plan_layout": plan.layout_line(),
         **_memory_end(memory),
     }
+
+
+def ours(args, root: str, attention: str) -> dict:
+    """Our trainer's step (the megatron engine) with ``models.attention=attention``."""
+    import megatron_tsdkd.training.trainer as trainer_module
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.models.attention import resolve_attention_backend
+
+    cfg = load_config(None, train_overrides(args, root) + [f"models.attention={attention}"])
+    return {"attention": resolve_attention_backend(attention),
+            **_measure(args, trainer_module, trainer_module.build_trainer, cfg)}
 
 
 def ours_deepspeed(args, root: str) -> dict:
@@ -245,40 +250,9 @@ def ours_deepspeed(args, root: str) -> dict:
     import megatron_tsdkd.training.deepspeed_engine as ds_module
     from megatron_tsdkd.config import load_config
 
-    memory = _memory_start()
     cfg = load_config(None, train_overrides(args, root) + ["engine=deepspeed", f"deepspeed.zero_stage={args.zero_stage}"])
-    shapes = []
-    collate = ds_module.micro_batches
-
-    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None, **options):
-        batches, length = collate(pairs, micro_size, pad_id, max_length, device, **options)
-        shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
-        return batches, length
-
-    ds_module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
-    trainer = ds_module.DeepSpeedTrainer(cfg)
-    plan = trainer.parts.memory_plan
-    trainer.train_step()  # warm-up
-    _sync()
-    steps = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        metrics = trainer.train_step().metrics
-        _sync()
-        steps.append({"wall": time.perf_counter() - start, "metrics": metrics,
-                      "rows": shapes[-1][0], "padded_length": shapes[-1][1]})
-    inputs = trainer.inputs
-    from megatron_tsdkd.training.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
-
-    return {
-        "attention": "sdpa (transformers)", "steps": steps, "engine": f"deepspeed ZeRO-{args.zero_stage}",
-        "student": _spec_dict(inputs.student.arch),
-        "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
-        "padded_vocab": plan.padded_vocab, "tokenizer_vocab": trainer.tokens.vocab_size,
-        "plan_peak_bytes": max(plan.peaks), "plan_reserve_bytes": RUNTIME_RESERVE,
-        "plan_capacity_gib": plan.capacity / PLAN_GIB, "plan_layout": plan.layout_line(),
-        **_memory_end(memory),
-    }
+    return {"attention": "sdpa (transformers)", "engine": f"deepspeed ZeRO-{args.zero_stage}",
+            **_measure(args, ds_module, ds_module.DeepSpeedTrainer, cfg)}
 
 
 def hf_reference(args, root: str) -> dict:
