@@ -12,7 +12,7 @@ setup(
     install_requires=[
         # CPU machines: install torch==2.13.0 first (the Makefile does) so no CUDA build is pulled.
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.20",
+        "megatron-core==0.16.1",   # the tested release: the code relies on its internals (DDP buckets, optimizer)
         "deepspeed>=0.16",
         "transformers>=4.51",
         "sentencepiece>=0.2",
@@ -21,6 +21,9 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "datasets>=2.19",          # data.train / data.eval as parquet, Arrow or save_to_disk folders (local files only)
+        "pyarrow>=15",
+        "filelock>=3.12",          # one process per node tokenises the data set, the others wait (data/token_cache.py)
         "lm-eval[math,ifeval]>=0.4.13,<0.5",   # tsdkd-eval --tasks (math: minerva_math scoring; ifeval: its checks)
     ],
     extras_require={
@@ -32,6 +35,7 @@ setup(
             "tsdkd-eval=megatron_tsdkd.cli:eval_main",
             "tsdkd-convert=megatron_tsdkd.cli:convert_main",
             "tsdkd-plan=megatron_tsdkd.cli:plan_main",
+            "tsdkd-data=megatron_tsdkd.cli:data_main",
             "tsdkd-study=megatron_tsdkd.study.command:main",
             "tsdkd-kpod-prepare=megatron_tsdkd.kpod.command:main",
         ]

@@ -14,11 +14,14 @@ loss), and our step with PyTorch SDPA attention against megatron's local attenti
                                                 # the two engines side by side (engine=deepspeed: HF models, ZeRO-3)
 
 Models: random weights, built with transformers from the HF configs (or the --student-*/--teacher-* shapes) and
-saved as safetensors folders with the demo's character tokenizer (102 tokens). The models keep their real
-vocabulary (151,936 / 152,064 rows for Qwen2.5): rows past the tokenizer are padding that is never sampled nor a
-target, but the logits and the losses still run over every row, at real scale. ``--models-dir DIR`` keeps the
-folders (and the prompts) there and reuses them when they exist; ``--prepare-only`` builds them and stops
-(benchmarks/gpu_check.sh trains on the same folders).
+saved as safetensors folders with a tokenizer of ``--tokenizer-vocab`` tokens: the demo's character tokenizer
+(102 tokens) extended with filler entries (``Ġtok<n>``, never produced by encoding text, decoded as " tok<n>"),
+built locally with the ``tokenizers`` library. With HF configs it defaults to Qwen2.5's 151,665 tokens, so the
+real vocabulary of our losses and sampling is Qwen2.5's (rows 151,665..152,063 are embedding padding, never
+sampled nor a target) and the HF-style step's dense loss and sampling run over its 151,936 logits: both sides at
+152k. ``--models-dir DIR`` keeps the folders (and the prompts) there and reuses them when they exist;
+``--prepare-only`` builds them and stops (benchmarks/gpu_check.sh trains on the same folders);
+``--disk-estimate`` prints the disk space that gpu_check.sh's run needs at these shapes, and builds nothing.
 
 Each measurement runs in its own process (so each has its own peak memory): ours with ``models.attention=sdpa``,
 ours with ``models.attention=local``, and the HF-style step. Both sides start from the same weights, prompts and
@@ -72,17 +75,52 @@ PEAK_BF16_FLOPS = (
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12),
 )
 GIB = 1024**3
+QWEN25_TOKENIZER_SIZE = 151_665   # len(AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct")): 151,643 + 22 special
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models and data
 
 
-def _model_configs(args):
-    """(student, teacher) transformers configs: from HF config folders, or Qwen2 configs of the tiny shapes."""
+def make_tokenizer(size: int, folder: str):
+    """A tokenizer of ``size`` tokens in ``folder`` (returned loaded): the demo's character-level byte BPE, its
+    specials, chat template and encoding unchanged, its vocabulary extended by ``size - 102`` filler entries.
+    Hand-made because the real Qwen2.5 tokenizer is a hub download; what the benchmark needs is its size."""
+    import json as json_module
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    with open(os.path.join(DEMO_TOKENIZER, "tokenizer.json")) as f:
+        spec = json_module.load(f)
+    vocab = spec["model"]["vocab"]
+    if size < len(vocab):
+        raise SystemExit(f"error: --tokenizer-vocab {size} is below the demo tokenizer's {len(vocab)} tokens")
+    vocab.update({f"Ġtok{n}": n for n in range(len(vocab), size)})   # Ġ: the byte-level space
+    os.makedirs(folder, exist_ok=True)
+    Tokenizer.from_str(json_module.dumps(spec)).save(os.path.join(folder, "tokenizer.json"))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(DEMO_TOKENIZER, name), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if len(tok) != size:
+        raise SystemExit(f"error: the synthetic tokenizer has {len(tok)} tokens, not {size}")
+    return tok
+
+
+def tokenizer_size(args) -> int:
+    """--tokenizer-vocab, or its default: Qwen2.5's size with HF configs, the demo's 102 tokens for tiny shapes."""
+    if args.tokenizer_vocab:
+        return args.tokenizer_vocab
+    return QWEN25_TOKENIZER_SIZE if args.student_config else 0
+
+
+def _model_configs(args, tok=None):
+    """(student, teacher) transformers configs: from HF config folders, or Qwen2 configs of the tiny shapes.
+    ``tok`` None: the demo tokenizer's special ids (the synthetic tokenizers keep them)."""
     from transformers import AutoConfig, AutoTokenizer, Qwen2Config
 
-    tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+    tok = tok or AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
     special = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     if args.student_config:
         out = []
@@ -125,7 +163,20 @@ def make_models(args, root: str) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    tok, configs = _model_configs(args)
+    from megatron_tsdkd.models.builder import padded_vocab_size
+
+    size = tokenizer_size(args)
+    start = time.perf_counter()
+    tok = make_tokenizer(size, os.path.join(root, "tokenizer")) if size else None
+    tok, configs = _model_configs(args, tok)
+    too_small = [c.vocab_size for c in configs if c.vocab_size < len(tok)]
+    if too_small:
+        raise SystemExit(f"error: embedding rows {too_small[0]} < tokenizer size {len(tok)}; raise --vocab")
+    print(f"vocabulary: tokenizer {len(tok)} tokens ("
+          + (f"synthetic byte BPE built in {time.perf_counter() - start:.1f} s" if size else "the demo's")
+          + f"); embedding rows student {configs[0].vocab_size}, teacher {configs[1].vocab_size}; losses and "
+          f"sampling over {len(tok)} real of {max(padded_vocab_size(c.vocab_size, 1) for c in configs)} padded "
+          f"columns (ours), the HF-style step over {min(c.vocab_size for c in configs)}", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, config in zip(("student", "teacher"), configs):
@@ -150,6 +201,22 @@ def make_models(args, root: str) -> None:
               f" -> {folder}", flush=True)
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def disk_estimate(args) -> int:
+    """Bytes benchmarks/gpu_check.sh writes at these shapes: both models in ``--dtype``, the student's checkpoint
+    (bf16 weights, fp32 main weights and Adam's two fp32 moments: 14 bytes a parameter) and its export, plus 10%
+    and 1 GiB to spare. Parameters counted by transformers on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    _, configs = _model_configs(args)
+    counts = []
+    for config in configs:
+        with torch.device("meta"):
+            counts.append(sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()))
+    student, teacher = counts
+    width = {"bf16": 2, "fp32": 4}[args.dtype]
+    return int(((student + teacher) * width + student * 14 + student * width) * 1.1) + GIB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +258,8 @@ def train_overrides(args, root: str) -> list[str]:
         f"models.student.path={root}/student", f"models.teacher.path={root}/teacher", f"data.train={root}/train.jsonl",
         "method.name=tsdkd", f"batch.global_size={args.batch}", f"batch.micro_size={args.micro or args.batch}",
         f"precision.dtype={args.dtype}", f"rollout.max_new_tokens={args.new_tokens}", "rollout.on_policy_prob=1",
-        f"schedule.max_steps={args.steps + 1}", f"checkpoint.dir={root}/ck", "checkpoint.resume=none",
+        # one step more than run: no measured step is the last, which computes the diagnostics (logging.*)
+        f"schedule.max_steps={args.steps + 2}", f"checkpoint.dir={root}/ck", "checkpoint.resume=none",
         "logging.progress_bar=false", f"logging.dir={root}/tb", f"data.max_length={args.prompt_length + args.new_tokens}",
         f"data.max_prompt_length={args.prompt_length}", "memory.enforce=false"]
 
@@ -492,7 +560,10 @@ def main(argv=None) -> None:
     p.add_argument("--student-layers", type=int, default=4)
     p.add_argument("--teacher-hidden", type=int, default=512)
     p.add_argument("--teacher-layers", type=int, default=6)
-    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--vocab", type=int, default=32768, help="embedding rows of the tiny shapes")
+    p.add_argument("--tokenizer-vocab", type=int, default=0,
+                   help=f"tokens of the synthetic tokenizer (default: {QWEN25_TOKENIZER_SIZE:,}, Qwen2.5's, with HF "
+                        f"configs; 0 with tiny shapes: the demo's 102-token tokenizer)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--micro", type=int, default=0, help="sequences per micro-batch (default: --batch)")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -504,6 +575,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-count", type=int, default=16, help="problems in the eval.jsonl written with the models")
     p.add_argument("--models-dir", default="", help="keep (and reuse) the models and data here")
     p.add_argument("--prepare-only", action="store_true", help="build the models and data, then stop")
+    p.add_argument("--disk-estimate", action="store_true",
+                   help="print 'disk_needed_bytes N' for benchmarks/gpu_check.sh at these shapes; build nothing")
     p.add_argument("--child-timeout", type=float, default=600)
     p.add_argument("--engines", default="megatron", help="engines to measure, comma-separated: megatron (one run per "
                    "--attentions entry), deepspeed (engine=deepspeed, HF models under ZeRO)")
@@ -522,6 +595,9 @@ def main(argv=None) -> None:
                         f"tiny (student {args.student_hidden}x{args.student_layers}, teacher "
                         f"{args.teacher_hidden}x{args.teacher_layers}, vocab {args.vocab})")
 
+    if args.disk_estimate:
+        print(f"disk_needed_bytes {disk_estimate(args)}")
+        return
     if args.run:  # a child: one measurement, written as JSON
         if args.run == "ours":
             result = ours(args, args.models_dir, args.attention)

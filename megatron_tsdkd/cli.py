@@ -1,11 +1,12 @@
-"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan (also ``python -m megatron_tsdkd.cli X``).
-Each program lives in megatron_tsdkd/commands/; this module only dispatches."""
+"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan, tsdkd-data (also
+``python -m megatron_tsdkd.cli X``). Each program lives in megatron_tsdkd/commands/; this module only dispatches."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"train": "train", "eval": "eval", "convert": "convert", "plan": "plan", "teacher-data": "teacher_data"}
+COMMANDS = {"train": "train", "eval": "eval", "convert": "convert", "plan": "plan", "teacher-data": "teacher_data",
+            "data": "data"}
 
 
 def _run(command: str, argv=None) -> None:
@@ -29,6 +30,10 @@ def convert_main(argv=None) -> None:
 
 def plan_main(argv=None) -> None:
     _run("plan", argv)
+
+
+def data_main(argv=None) -> None:
+    _run("data", argv)
 
 
 def main(argv=None) -> None:

@@ -15,6 +15,8 @@ from typing import Literal, Optional
 
 import yaml
 
+from megatron_tsdkd.checks import require
+from megatron_tsdkd.data.records import Fields
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
 from megatron_tsdkd.methods import METHODS, DEFAULT_METHOD, MethodConfig, method_class, setting_names
 from megatron_tsdkd.models.attention import ATTENTION_BACKENDS
@@ -51,11 +53,15 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""                     # JSONL: messages | prompt/response | instruction/response
-    eval: str = ""                      # held-out JSONL with answers, scored after training if set
+    train: str = ""                     # JSONL(.gz) | parquet file or folder of shards | .arrow | save_to_disk folder
+    eval: str = ""                      # held-out data with answers (same formats), scored after training if set
     max_length: int = 512               # prompt + response tokens
     max_prompt_length: int = 256
     shuffle: bool = True
+    group_by_length: bool = False       # similar lengths share a step (off-policy: prompt + response; on-policy: prompt)
+    cache_dir: str = "auto"             # tokenised sets, built once, memory-mapped; auto: data_cache beside logging.dir
+                                        # (outputs/data_cache); none: tokenise in memory on every rank
+    fields: Fields = field(default_factory=Fields)   # column mapping: data.fields.prompt=question ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,18 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # megatron DDP: reduce(-scatter) each gradient bucket as soon as the backward has filled it; with the
+    # distributed optimizer, all-gather the updated weights bucket by bucket during the next forward
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True   # with use_distributed_optimizer only (ignored without it)
+    bucket_size: Optional[int] = None   # parameters per gradient bucket; unset: megatron's max(40M, 1M x DP)
+    # fp16 only: megatron's dynamic loss scaling (halved after `loss_scale_hysteresis` overflowing steps, which are
+    # skipped; doubled after `loss_scale_window` clean ones). The start is low because our micro-batch losses are
+    # token SUMS (per-token normalisation comes after the backward, training/trainer.py): their gradients are
+    # ~tokens times a mean loss's, for which megatron's 2**32 and torch's 2**16 are meant.
+    loss_scale_initial: float = 1024.0
+    loss_scale_window: int = 1000
+    loss_scale_hysteresis: int = 2
 
 
 @dataclass
@@ -95,6 +113,9 @@ class ScheduleConfig:
 class BatchConfig:
     global_size: int = 128              # sequences per optimizer step, over all data-parallel ranks
     micro_size: int = 1                 # sequences per forward/backward on one rank
+    # sort the step's rows by length before cutting micro-batches (less padding); token-decomposable losses are
+    # unchanged, TSD-KD's per-micro-batch entropy set and opener see other neighbours (data/collate.py)
+    sort_by_length: bool = False
 
 
 @dataclass
@@ -110,13 +131,32 @@ class CheckpointConfig:
     resume: str = "auto"                # auto | none | a checkpoint folder
     export_hf: str = ""                 # write the final student as a Hugging Face folder here
     allow_config_changes: bool = False  # resume although keys that decide the numbers changed (the new values win)
+    async_save: bool = True             # a save blocks only for the copy to host memory; files written in the background
 
 
 @dataclass
 class LoggingConfig:
+    """When a step logs (``logs``) and when the method computes its diagnostics (``diagnoses``): one rule for
+    both engines. Diagnostics (TSD-KD's grad_share/*: one extra backward per loss term) cost more than the other
+    metrics, hence their own, sparser interval; a diagnostic step is always a logged step."""
+
     dir: str = "outputs/tensorboard"
-    interval: int = 1
+    interval: int = 1                   # metrics every N optimizer steps, and at the last step
+    diagnostics_interval: int = 50      # a method's diagnostics every N steps, and at the last step
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "diagnostics_interval"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, value, "must be an integer >= 1")
+
+    def diagnoses(self, step: int, total_steps: int) -> bool:
+        """Whether ``step`` (1-based) computes the method's diagnostics (the last step does, for the end values)."""
+        return step % self.diagnostics_interval == 0 or step >= total_steps
+
+    def logs(self, step: int, total_steps: int) -> bool:
+        """Whether ``step`` (1-based) logs metrics."""
+        return step % self.interval == 0 or self.diagnoses(step, total_steps)
 
 
 @dataclass
@@ -270,6 +310,12 @@ def _check(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.schedule.warmup_fraction <= 1.0, "schedule.warmup_fraction",
          f"must lie in [0, 1], got {cfg.schedule.warmup_fraction}")
     need(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    o = cfg.optimizer
+    need(o.bucket_size is None or o.bucket_size >= 1, "optimizer.bucket_size", f"must be >= 1, got {o.bucket_size}")
+    need(o.loss_scale_initial >= 1, "optimizer.loss_scale_initial", f"must be >= 1, got {o.loss_scale_initial}")
+    for key, value in [("optimizer.loss_scale_window", o.loss_scale_window),
+                       ("optimizer.loss_scale_hysteresis", o.loss_scale_hysteresis)]:
+        need(value >= 1, key, f"must be >= 1, got {value}")
     for key, value in [("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
                        ("batch.global_size", b.global_size), ("batch.micro_size", b.micro_size),
                        ("data.max_length", cfg.data.max_length), ("data.max_prompt_length", cfg.data.max_prompt_length)]:
@@ -315,6 +361,9 @@ def _check_sequence_ranking(cfg: TrainConfig, need) -> None:
     need(lam is None or lam == 1.0, "rollout.on_policy_prob",
          f"must be 1 (or unset) with method.indirect_level=sequence: off-policy steps carry one data-set response "
          f"per prompt, nothing to rank; got {lam}")
+    need(not cfg.batch.sort_by_length, "batch.sort_by_length",
+         "must be false with method.indirect_level=sequence: sorting rows by length would split a prompt's "
+         "candidates between micro-batches")
     need(cfg.batch.micro_size % n == 0, "batch.micro_size",
          f"must be a multiple of rollout.num_samples ({n}) with method.indirect_level=sequence, so each prompt's "
          f"candidates share a micro-batch; got {cfg.batch.micro_size}")

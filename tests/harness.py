@@ -182,15 +182,33 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
                 init_distributed(ParallelLayout(tensor=tp, pipeline=pp), seed=seed, timeout_minutes=5)
                 torch.manual_seed(seed)
                 value = _dumps(fn(*args, **kwargs))
+                _forget_models()
                 results.put((rank, True, value, os_threads()))
             except _Terminated:
                 raise
             except BaseException:  # noqa: BLE001 - report everything to the parent, SystemExit included
-                results.put((rank, False, traceback.format_exc(), os_threads()))
+                error = traceback.format_exc()
+                _forget_models()
+                results.put((rank, False, error, os_threads()))
     except _Terminated:
         sys.exit(128 + signal.SIGTERM)
     finally:
         _end_own_children()
+
+
+def _forget_models() -> None:
+    """Let the models a task built die with it. megatron-core memoises ``RotaryEmbedding.forward`` in a class-wide
+    ``lru_cache`` (32 entries, keyed by the module itself), so a finished task's rotary modules stay alive; with
+    ``optimizer.overlap_param_gather`` each holds the DDP forward pre-hook, hence the whole model, its optimizer and
+    the process groups of a layout the next task destroys: each gloo group's threads would live on in this worker
+    (+16 groups, 48 threads, per layout change). A training process builds its models once, so only this
+    long-lived worker needs it."""
+    import gc
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    RotaryEmbedding.forward.cache_clear()
+    gc.collect()
 
 
 class WorkerPool:

@@ -263,7 +263,7 @@ def fake_nccl(monkeypatch):
                 args[1][:] = [args[0]] * len(args[1])
         return collective
 
-    for name in ("all_reduce", "broadcast_object_list", "all_gather_object", "gather_object", "barrier"):
+    for name in ("all_reduce", "broadcast", "broadcast_object_list", "all_gather_object", "gather_object", "barrier"):
         monkeypatch.setattr(dist, name, recorder(name))
     assert collectives.dist is dist
     return state
@@ -308,6 +308,21 @@ def test_reductions_allocate_on_the_nccl_device(fake_nccl):
     assert ops == [("all_reduce", dist.ReduceOp.SUM, "dp"), ("all_reduce", dist.ReduceOp.MAX, "dp"),
                    ("all_reduce", dist.ReduceOp.MAX, "dp"), ("all_reduce", dist.ReduceOp.SUM, "dp")]
     assert fake_nccl["calls"][3][2][0].dtype == torch.int64
+
+
+def test_packed_metrics_go_over_nccl_as_one_cuda_tensor(fake_nccl):
+    """Numbers and device scalars in one tensor on the NCCL device: one all-reduce, one tensor broadcast."""
+    from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_values
+
+    mode = _RecordDevices()
+    with mode:
+        reduced = all_reduce_values([0.5, torch.tensor(2.0), torch.tensor(3, dtype=torch.int32), 4.0], group="dp")
+        sent = broadcast_values(reduced, 4, src=0, group="pp")        # this rank (0) is the source
+    assert set(mode.requested) == {torch.device("cuda", 2)}
+    assert reduced.dtype == torch.float64 and reduced.tolist() == [1.0, 4.0, 6.0, 8.0] == sent.tolist()
+    assert [(c[0], c[3].get("group")) for c in fake_nccl["calls"]] == [("all_reduce", "dp"), ("broadcast", "pp")]
+    with _RecordDevices(), pytest.raises(ValueError, match="3 values from rank 0, but 4 announced"):
+        broadcast_values([1.0, 2.0, 3.0], 4, src=0, group="pp")
 
 
 def test_object_collectives_bind_the_gpu_first(fake_nccl):
@@ -381,7 +396,7 @@ def _metrics_from_the_last_stage():
 
     from megatron_tsdkd.training.metrics import reduce_to_rank0
 
-    return reduce_to_rank0({"loss": 3.0} if ps.is_pipeline_last_stage() else None)
+    return reduce_to_rank0({"loss": 3.0} if ps.is_pipeline_last_stage() else None, names=["loss"])
 
 
 def test_metrics_travel_from_the_last_pipeline_stage_to_rank0():

@@ -31,6 +31,9 @@ def test_yaml_and_overrides(tmp_path):
     ("method.name=tsdk", r"did you mean tsdkd\?"),
     ("rollout.top_p=0", r"rollout\.top_p: must lie in \(0, 1\], got 0\.0"),
     ("rollout.on_policy_prob=2", r"rollout\.on_policy_prob: must lie in \[0, 1\], got 2\.0"),
+    ("rollout.stop_check_interval=0", r"rollout\.stop_check_interval: must be an integer >= 1, got 0"),
+    ("method.indirect_level=sequence rollout.num_samples=2 batch.sort_by_length=true",
+     r"batch\.sort_by_length: must be false with method\.indirect_level=sequence"),
     ("method.top_k=ten", r"method\.top_k: expected an integer, got 'ten'"),
     ("batch.global_size=10", r"batch\.global_size: 10 is not a multiple of batch\.micro_size \(4\)"),
     ("rollout.greedy=maybe", r"rollout\.greedy: expected true or false"),
@@ -80,3 +83,18 @@ def test_file_errors_name_the_file_and_line(tmp_path):
     wrong.write_text("method:\n  beta: 2\n")
     with pytest.raises(ConfigError, match=r"wrong\.yaml: method\.beta: must lie in"):
         load_config(str(wrong), BASE)
+
+
+def test_resume_across_an_upgrade_that_added_keys():
+    """A checkpoint written before a setting existed resumes: the missing key counts as its default there."""
+    import yaml
+
+    from megatron_tsdkd.config import to_dict
+    from megatron_tsdkd.training.run_config import config_changes, config_yaml
+
+    cfg = load_config(None, BASE)
+    stored = yaml.safe_load(config_yaml(cfg))
+    del stored["logging"]["diagnostics_interval"], stored["rollout"]["temperature"]
+    assert config_changes(stored, to_dict(cfg)) == ([], [])
+    changed = load_config(None, BASE + ["rollout.temperature=0.5"])
+    assert config_changes(stored, to_dict(changed)) == (["rollout.temperature"], [])

@@ -53,21 +53,21 @@ def test_three_formats_parse_to_one_shape(tmp_path):
 def test_on_policy_accepts_prompt_only_lines(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [{"prompt": "q"}, {"messages": [{"role": "user", "content": "q"}]}])
     assert len(list(read_jsonl(path, mode="on_policy"))) == 2
-    with pytest.raises(DataFormatError, match=r"d\.jsonl:1: missing key 'response'"):
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:1: missing column 'response' \(data\.fields\.response\)"):
         list(read_jsonl(path, mode="off_policy"))
 
 
 @pytest.mark.parametrize("bad_line, reason", [
     ('{"prompt": "q", "response": ', "invalid JSON"),
-    ({"question": "q", "response": "a"}, "expected key 'messages', 'prompt' or 'instruction'"),
-    ({"prompt": "q", "response": "  "}, "'response' is empty"),
-    ({"prompt": 3, "response": "a"}, "'prompt' must be a string, got int"),
+    ({"question": "q", "response": "a"}, "expected column 'messages', 'prompt' or 'instruction'"),
+    ({"prompt": "q", "response": "  "}, "column 'response' (data.fields.response) is empty"),
+    ({"prompt": 3, "response": "a"}, "column 'prompt' (data.fields.prompt) must be a string, got int"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "is empty"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]}, "content must be a string"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "last message must be the assistant's"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "last message of 'messages' must be the assistant's"),
     ({"messages": [{"role": "bot", "content": "q"}]}, "unknown role 'bot'"),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "no prompt before the response"),
-    ({"prompt": "q", "response": "a", "answer": [1]}, "'answer' must be a string or a number"),
+    ({"prompt": "q", "response": "a", "answer": [1]}, "column 'answer' (data.fields.answer) must be a string or a number"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, reason):

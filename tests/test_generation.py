@@ -201,6 +201,27 @@ def test_sampling_distribution_on_tiny_vocabulary():
         assert chi2 < thresholds[keep - 1], f"{config}: chi2 {chi2:.1f}"
 
 
+def test_exponential_race_draws_the_normalised_weights(monkeypatch):
+    """token_selection.draw (argmax p / Exp(1), on the device) against p / sum(p) for unnormalised weights with
+    zeros (chi-square, 3 degrees of freedom, p = 1e-4); zero weights never win; seeded; no torch.multinomial."""
+    from megatron_tsdkd.generation.token_selection import draw
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.multinomial validates probabilities on the host")
+
+    monkeypatch.setattr(torch, "multinomial", forbidden)
+    weights = torch.tensor([0.5, 0.0, 1.5, 3.0, 0.0, 1.0])
+    rows = 40000
+    ids = draw(weights.expand(rows, -1), torch.Generator().manual_seed(9))
+    assert torch.equal(ids, draw(weights.expand(rows, -1), torch.Generator().manual_seed(9)))
+    counts = torch.bincount(ids, minlength=6).double()
+    assert counts[1] == 0 and counts[4] == 0
+    keep = weights > 0
+    expected = (weights / weights.sum()).double()[keep] * rows
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < 21.11, f"chi2 {chi2:.1f}, counts {counts.tolist()}"   # chi-square quantile: df 3, p = 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate_teacher_data
 

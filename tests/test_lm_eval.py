@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -217,13 +218,50 @@ def _instances(kind, rows):
     return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(rows)]
 
 
+def _todays_scores(lm, rows):
+    """The scoring before the chunked path (the oracle): the whole logit tensor upcast to fp32, log p from the
+    owner's logit minus the log-normaliser, greedy = the global top-1 is the target, per row."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_tsdkd.eval.lm_eval_model import _full_forward
+    from megatron_tsdkd.losses.vocab_parallel import VocabShard, gather_global_ids, log_normalizer, topk_global
+
+    width = max(len(ids) for ids, _, _ in rows)
+    tokens = torch.full((len(rows), width), lm.tokens.pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, _, _) in enumerate(rows):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        valid[i, :len(ids)] = True
+    logits = _full_forward(lm.model, tokens, valid)
+    if logits is None:
+        return None
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    logits = logits.float()
+    shard = VocabShard.of(logits, tp_group, lm.tokens.vocab_size)
+    out = []
+    for i, (ids, n, final) in enumerate(rows):
+        z = logits[i, len(ids) - n:len(ids)]
+        target = torch.tensor(ids[len(ids) - n + 1:] + [final]).unsqueeze(-1)
+        logprob = gather_global_ids(z, target, shard).squeeze(-1) - log_normalizer(z, shard)
+        best = topk_global(z, 1, shard)[1]
+        out.append((float(logprob.double().sum()), bool((best == target).all()), int(best[-1, 0])))
+    return out
+
+
 def _ours(model_dir, tp, pp):
     from megatron_tsdkd.eval.lm_eval_model import TsdkdLM
 
-    lm = TsdkdLM.from_path(model_dir, tp=tp, pp=pp, batch_size=2, max_length=64)
+    lm = TsdkdLM.from_path(model_dir, tp=tp, pp=pp, batch_size=2, max_length=64, chunk_size=5)
+    # rows (inputs, targets scored, last target): whole rows, one target, and a last target that is the argmax
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 250, (k,), generator=gen).tolist() for k in (9, 4, 13)]
+    rows = [(ids[0], 9, 7), (ids[1], 1, 11), (ids[2], 6, 100), (ids[1], 4, 11)]
+    today = _todays_scores(lm, rows)   # the last stage's; None on the others (targets matter there only)
+    rows.append((ids[2], 1, today[2][2] if today is not None else 0))   # the last target is the argmax: greedy
+    today = _todays_scores(lm, rows)
     return (lm.loglikelihood(_instances("loglikelihood", LL_REQUESTS)),
             lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [("some text to roll over " * 5,)])),
-            lm.generate_until(_instances("generate_until", GEN_REQUESTS)))
+            lm.generate_until(_instances("generate_until", GEN_REQUESTS)), (lm._score_batch(rows), today))
 
 
 def test_adapter_matches_lm_eval_hf_backend(tmp_path):
@@ -238,11 +276,71 @@ def test_adapter_matches_lm_eval_hf_backend(tmp_path):
     ref_roll = hf.loglikelihood_rolling(_instances("loglikelihood_rolling", [("some text to roll over " * 5,)]))
     ref_gen = hf.generate_until(_instances("generate_until", GEN_REQUESTS))
     for world, tp, pp in ((1, 1, 1), (2, 2, 1), (2, 1, 2)):
-        for ll, roll, gen in run_parallel(_ours, model_dir, tp, pp, world_size=world, tp=tp, pp=pp):
+        checked = 0
+        for ll, roll, gen, (scores, today) in run_parallel(_ours, model_dir, tp, pp, world_size=world, tp=tp, pp=pp):
             for (a, ga), (b, gb) in zip(ll, ref_ll):
                 assert abs(a - b) <= 1e-4 and ga == gb, (tp, pp, ll, ref_ll)
             assert abs(roll[0] - ref_roll[0]) <= 1e-4, (tp, pp, roll, ref_roll)
             assert gen == ref_gen, (tp, pp, gen, ref_gen)
+            if today is not None:   # the chunked scoring equals the whole-tensor fp32 one (the last stage)
+                assert [g for _, g, _ in today] == [False] * 4 + [True], today   # both outcomes are exercised
+                for (a, ga), (b, gb, _) in zip(scores, today, strict=True):
+                    assert abs(a - b) <= 1e-5 and ga == gb, (tp, pp, scores, today)
+                checked += 1
+        assert checked == tp, (world, tp, pp)   # every rank of the last stage compared
+
+
+def _dense_label_log_probs(logits, labels, mask, vocab):
+    z = logits.double()[..., :vocab]
+    logp = torch.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    greedy = z.argmax(-1) == labels   # the first maximal column
+    keep = mask != 0
+    return logp[keep], greedy[keep]
+
+
+def _tied_inputs():
+    """bf16 logits [2, 6, 24] on a small grid (many exact ties, also at the maximum), 22 real columns."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randint(-3, 3, (2, 6, 24), generator=gen).to(torch.bfloat16)
+    logits[0, 1, [2, 9, 17]] = 5.0   # a three-way tie at the top, across both TP shards
+    labels = torch.randint(0, 22, (2, 6), generator=gen)
+    labels[0, 1] = 9                 # tied with column 2 before it: not greedy
+    labels[0, 2] = int(logits[0, 2, :22].float().argmax())   # greedy
+    logits[1, 3, [5, 20]] = 6.0      # the label (shard 1) ties with column 5 of the other shard: not greedy
+    labels[1, 3] = 20
+    logits[1, 4, [7, 15]] = 6.0      # the label is the first of two tied columns: greedy
+    labels[1, 4] = 7
+    mask = torch.ones(2, 6)
+    mask[1, :2] = 0
+    return logits, labels, mask
+
+
+def _label_log_probs_at_tp2():
+    from megatron.core import parallel_state as ps
+
+    from megatron_tsdkd.losses import label_log_probs
+
+    logits, labels, mask = _tied_inputs()
+    rank = ps.get_tensor_model_parallel_rank()
+    shard = logits[..., 12 * rank:12 * (rank + 1)].contiguous()
+    logp, greedy = label_log_probs(shard, labels, mask, ps.get_tensor_model_parallel_group(), 22, chunk_size=4)
+    return logp, greedy
+
+
+def test_label_log_probs_equal_the_dense_log_softmax_and_argmax_at_tp1_and_tp2():
+    from harness import run_parallel
+
+    from megatron_tsdkd.losses import label_log_probs
+
+    logits, labels, mask = _tied_inputs()
+    want_logp, want_greedy = _dense_label_log_probs(logits, labels, mask, 22)
+    # the tie cases above (targets: row 0 positions 0-5, then row 1 positions 2-5)
+    assert not want_greedy[1] and want_greedy[2] and not want_greedy[6 + 1] and want_greedy[6 + 2]
+    results = [label_log_probs(logits, labels, mask, None, 22, chunk_size=4)]
+    results += run_parallel(_label_log_probs_at_tp2, world_size=2, tp=2)
+    for logp, greedy in results:
+        assert logp.dtype == torch.float32 and torch.equal(greedy, want_greedy)
+        assert torch.allclose(logp.double(), want_logp, atol=1e-5, rtol=0), (logp, want_logp)
 
 
 def _quick_path(argv):

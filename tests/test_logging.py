@@ -313,3 +313,128 @@ def test_rank0_logs_summary_and_a_line_per_interval_and_tensorboard_tells_the_tr
     dry_run(load_config(None, killed))
     out = capsys.readouterr().out
     assert f"steps: resuming at step {STEPS} of {STEPS} (0 to go)" in out and "TP=1 PP=1 DP=2, world size 2" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diagnostics at their own interval; a logged step's metrics in one packed tensor and one collective per group
+
+
+def test_logging_schedule_and_its_validation():
+    from megatron_tsdkd.config import ConfigError, LoggingConfig, load_config
+
+    every_3_diagnose_4 = LoggingConfig(interval=3, diagnostics_interval=4)
+    assert [s for s in range(1, 11) if every_3_diagnose_4.logs(s, 10)] == [3, 4, 6, 8, 9, 10]
+    assert [s for s in range(1, 11) if every_3_diagnose_4.diagnoses(s, 10)] == [4, 8, 10]   # and the last step
+    assert LoggingConfig().diagnostics_interval == 50
+    for key in ("logging.interval", "logging.diagnostics_interval"):
+        with pytest.raises(ConfigError, match=f"^overrides: {key}: must be an integer >= 1, got 0$"):
+            load_config(None, [f"{key}=0", "models.student.path=s", "data.train=t"])
+
+
+def _old_reduce_to_rank0(local):
+    """The hand-over before the packed tensor (a dict of host floats, then a pickled broadcast): the oracle."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_object
+
+    local = {k: float(v) for k, v in local.items()} if local is not None else None
+    names = sorted(local) if local else None
+    if ps.is_pipeline_last_stage():
+        values = all_reduce_values([local[k] for k in names], group=ps.get_data_parallel_group())
+        local = dict(zip(names, (values / ps.get_data_parallel_world_size()).tolist()))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        local = broadcast_object(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                                 group=ps.get_pipeline_model_parallel_group())
+    return local if dist.get_rank() == 0 else None
+
+
+def _counted_runs(runs):
+    """Per run (argv): rank 0's logged metrics, the collectives ``reduce_to_rank0`` issued on this rank at each
+    logged step, and whether each step's result equals the old hand-over's (computed outside the count)."""
+    import torch.distributed as dist
+
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training import trainer as trainer_module
+
+    kinds = ("all_reduce", "broadcast", "all_gather", "reduce", "send", "recv", "broadcast_object_list",
+             "all_gather_object", "gather_object", "barrier")
+    originals = {name: getattr(dist, name) for name in kinds}
+    reduce = trainer_module.reduce_to_rank0
+    calls, equal, counting = [], [], []
+
+    def counted(name):
+        def collective(*args, **kwargs):
+            if counting:
+                calls[-1].append(name)
+            return originals[name](*args, **kwargs)
+        return collective
+
+    def watched(local, names):
+        calls.append([])
+        counting.append(True)
+        try:
+            metrics = reduce(local, names)
+        finally:
+            counting.pop()
+        equal.append(metrics == _old_reduce_to_rank0(local))
+        return metrics
+
+    out = []
+    for name in kinds:
+        setattr(dist, name, counted(name))
+    trainer_module.reduce_to_rank0 = watched
+    try:
+        for argv in runs:
+            calls.clear()
+            equal.clear()
+            history = trainer_module.build_trainer(load_config(None, argv)).train()
+            out.append(([(h.step, h.metrics) for h in history if h.metrics is not None], list(calls), list(equal)))
+    finally:
+        trainer_module.reduce_to_rank0 = reduce
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return out
+
+
+def test_diagnostics_at_their_interval_and_metrics_in_one_collective_per_group(workdir, tmp_path):
+    """TSD-KD for 3 steps, logging every step: with diagnostics_interval=2 the grad_share/* scalars land at steps
+    2 and 3 (the last) in TensorBoard, and are the values the every-step schedule (today's) logs there; the
+    training itself is unchanged. At PP=2 the last stage's metrics reach rank 0 on the first stage; per logged
+    step reduce_to_rank0 issues one all-reduce (DP group, last stage) and one tensor broadcast (pipeline group), at
+    DP=2 one all-reduce; never a pickled object; the values equal the old pickled hand-over's."""
+    from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS
+
+    def argv(name, interval, extra=()):
+        return overrides(workdir, tmp_path / name, ["method.name=tsdkd", "logging.progress_bar=false",
+                                                     "checkpoint.interval=0", "checkpoint.resume=none",
+                                                     "schedule.max_steps=3",
+                                                     f"logging.diagnostics_interval={interval}", *extra])
+
+    pp2 = ["parallel.tensor=1", "parallel.pipeline=2"]
+    first_stage, last_stage = run_parallel(_counted_runs, [argv("every", 1, pp2), argv("sparse", 2, pp2)],
+                                           world_size=2, pp=2)
+    dp_runs = run_parallel(_counted_runs, [argv("dp", 2, ["parallel.tensor=1", "schedule.max_steps=1"])],
+                           world_size=2)
+
+    (every_metrics, _, every_equal), (sparse_metrics, first_stage_calls, sparse_equal) = first_stage
+    last_stage_calls = last_stage[1][1]
+    assert last_stage[1][0] == [] and last_stage[1][2] == [True] * 3   # only global rank 0 gets the metrics
+    every_metrics = dict(every_metrics)
+    assert [step for step, _ in sparse_metrics] == [1, 2, 3]
+    assert [step for step, m in sparse_metrics if "grad_share/direct" in m] == [2, 3]
+    for tag in DIAGNOSTICS:
+        assert [step for step, _ in scalars(tmp_path / "sparse" / "tb", tag)] == [2, 3], tag
+        assert [step for step, _ in scalars(tmp_path / "every" / "tb", tag)] == [1, 2, 3], tag
+    assert [step for step, _ in scalars(tmp_path / "sparse" / "tb", "loss/total")] == [1, 2, 3]
+    for step, m in sparse_metrics:   # the same training, and the diagnostics today's schedule logs at that step
+        for name, value in m.items():
+            if not name.startswith(("time/", "throughput/")):
+                assert value == pytest.approx(every_metrics[step][name], rel=1e-6, abs=1e-9), (step, name)
+    # per logged step: the DP all-reduce and the pipeline broadcast on the last stage, the broadcast on the first
+    assert last_stage_calls == [["all_reduce", "broadcast"]] * 3, last_stage_calls
+    assert first_stage_calls == [["broadcast"]] * 3, first_stage_calls
+    assert sparse_equal == [True] * 3 and every_equal == [True] * 3
+    for metrics, calls, equal in (rank[0] for rank in dp_runs):
+        assert calls == [["all_reduce"]] and equal == [True], calls
+    assert [step for step, m in dp_runs[0][0][0] if "grad_share/direct" in m] == [1]   # the last step

@@ -95,8 +95,6 @@ def dense_tsdkd(student, teacher, mask, cfg, vocab_size=None):
     h_s, h_t = dense_entropy(z_s), dense_entropy(z_t)                                        # H_S,t, H_T,t
     w = torch.sigmoid((h_s - h_t).detach() / cfg.tau) if cfg.use_gate else torch.ones_like(h_s)  # w_t
     direct = (w * d)[valid].sum() / max(n, 1)                                                # L_direct
-    first = [int(torch.nonzero(valid[b])[0]) if valid[b].any() else S for b in range(mask.shape[0])]
-    region = torch.stack([torch.arange(mask.shape[1]) >= first[b] for b in range(mask.shape[0])])
     if not cfg.reference_compat:
         k = max(1, math.floor(cfg.rho * n + 1e-9))                                           # |I| = rho N
         entropy = h_s[valid][torch.topk(h_s[valid].detach(), k).indices].mean()              # L_em
@@ -107,14 +105,13 @@ def dense_tsdkd(student, teacher, mask, cfg, vocab_size=None):
                 frac = h_s[b, cols].detach().cumsum(0) / h_s[b, cols].detach().sum()
                 m_b = int(torch.nonzero(frac >= cfg.opener_fraction)[0]) + 1              # crossing included
                 opener[b, cols[:m_b]] = True
-    else:
-        q = torch.quantile(h_s[valid].detach(), cfg.rho)
-        chosen = region & (h_s.detach() >= q)                                                # ~90%, pads included
-        entropy = h_s[chosen].mean()
-        frac = h_s[valid].detach().cumsum(0) / h_s[valid].detach().sum()                     # batch-wide
-        m = int(torch.nonzero(frac >= cfg.opener_fraction)[0])                                # crossing excluded
-        cols = torch.arange(mask.shape[1]).unsqueeze(0) - torch.tensor(first).unsqueeze(1)
-        opener = region & (cols < m)
+    else:   # the released code, these tensors being its completion block (tests/test_reference_compat.py)
+        q = torch.quantile(h_s[valid].detach().float(), cfg.rho)                             # fp32, as released
+        chosen = h_s.detach() >= q                                     # ~90%, every position (pads included)
+        entropy = h_s[chosen].sum() / chosen.sum()
+        share = h_s[valid].detach().float() / h_s[valid].detach().float().sum()             # batch-wide, fp32
+        m = int((share.cumsum(0) >= cfg.opener_fraction).float().argmax())                  # crossing excluded
+        opener = valid & (torch.arange(mask.shape[1]) < m)                         # the first m columns' targets
     ids = torch.topk(z_s[opener].detach(), cfg.top_k, -1).indices                           # student's top-K
     order = torch.argsort(z_t[opener].gather(-1, ids), dim=-1, descending=True, stable=True)     # teacher ranking pi
     s_ranked = z_s[opener].gather(-1, ids).gather(-1, order)                                 # s_j in pi order
@@ -231,8 +228,9 @@ SWITCHES = list(itertools.product([True, False], repeat=4))
 def test_tsdkd_terms_equal_dense_transcription(use_gate, use_entropy, use_indirect, compat):
     student, teacher, mask = make_batch()
     cfg = TSDKDLossConfig(use_gate=use_gate, use_entropy=use_entropy, use_indirect=use_indirect,
-                          reference_compat=compat, beta=0.7, temperature=1.5, tau=0.5, gamma_em=0.8, rho=0.25,
-                          alpha=0.3, opener_fraction=0.3, top_k=4, chunk_size=5)
+                          reference_compat=compat, beta=0.7, temperature=1.0 if compat else 1.5, tau=0.5,
+                          gamma_em=0.8, rho=0.25, alpha=0.3, opener_fraction=0.25 if compat else 0.3, top_k=4,
+                          chunk_size=5)
     out = tsdkd_loss(student, teacher, mask, cfg)
     loss, direct, entropy, indirect = dense_tsdkd(student, teacher, mask, cfg)
     assert_close(out.direct, direct, "L_direct")
@@ -283,7 +281,7 @@ def test_reference_compat_reverses_the_ranking():
     mask = torch.ones(1, 3)
     indirect = {}
     for compat in (False, True):
-        cfg = TSDKDLossConfig(top_k=3, opener_fraction=0.5, reference_compat=compat)
+        cfg = TSDKDLossConfig(top_k=3, rho=0.5 if compat else 0.1, opener_fraction=0.5, reference_compat=compat)
         for name, teacher in (("agree", agree), ("disagree", disagree)):
             out = tsdkd_loss(student, teacher, mask, cfg)
             assert float(out.opener_length) == (1 if compat else 2)
@@ -320,7 +318,7 @@ def test_reference_compat_opener_is_batch_wide():
     cfg = TSDKDLossConfig(top_k=3, opener_fraction=0.3)
     paper = tsdkd_loss(student, teacher, mask, cfg)
     assert float(paper.opener_length) == pytest.approx((1 + 7) / 2)    # row 0 crosses at 1, row 1 at 7
-    compat_cfg = TSDKDLossConfig(top_k=3, opener_fraction=0.3, reference_compat=True)
+    compat_cfg = TSDKDLossConfig(top_k=3, rho=0.3, opener_fraction=0.3, reference_compat=True)
     compat = tsdkd_loss(student, teacher, mask, compat_cfg)
     assert float(compat.opener_length) == 1                             # flattened: crosses at 1, excluded
     compat_late = tsdkd_loss(student.flip(0), teacher, mask, compat_cfg)  # row 0 now spends its entropy late

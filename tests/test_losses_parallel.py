@@ -77,8 +77,18 @@ def all_losses(group, rank: int, world: int) -> dict:
         record(f"tsdkd {cfg}", lambda s, t, v, c=cfg: _tsdkd_terms(s, t, mask, c, group, v))
     # vocab_size 15: at TP = 4 the last rank holds no real column and rank 2 only three.
     for compat in (False, True):
-        cfg = TSDKDLossConfig(top_k=5, temperature=2.0, reference_compat=compat, chunk_size=7)
+        cfg = TSDKDLossConfig(top_k=5, temperature=1.0 if compat else 2.0, reference_compat=compat, chunk_size=7)
         record(f"tsdkd vocab=15 compat={compat}", lambda s, t, v, c=cfg: _tsdkd_terms(s, t, mask, c, group, 15))
+    # reference_compat on a completion block built from start columns: ragged starts, a row without targets and
+    # a row whose block runs past the row end (repeated last pad), with the diagnostics' extra backward
+    block_mask, start = torch.zeros(3, 9), torch.tensor([1, 6, 4])
+    block_mask[0, 1:4] = 1
+    block_mask[2, 4:9] = 1
+    for gate, entropy in ((True, True), (False, True), (True, False)):
+        cfg = TSDKDLossConfig(use_gate=gate, use_entropy=entropy, top_k=4, rho=0.3, opener_fraction=0.3,
+                              reference_compat=True, chunk_size=5)
+        record(f"tsdkd compat block {cfg}", lambda s, t, v, c=cfg: _tsdkd_terms(s, t, block_mask, c, group, v,
+                                                                                 completion_start=start))
 
     shard = VocabShard.of(student_full[..., columns], group, 22)
     record("log_normalizer", lambda s, t, v: log_normalizer(s, shard).sum())
@@ -88,8 +98,8 @@ def all_losses(group, rank: int, world: int) -> dict:
     return results
 
 
-def _tsdkd_terms(s, t, mask, cfg, group, vocab_size):
-    out = tsdkd_loss(s, t, mask, cfg, tp_group=group, vocab_size=vocab_size)
+def _tsdkd_terms(s, t, mask, cfg, group, vocab_size, completion_start=None):
+    out = tsdkd_loss(s, t, mask, cfg, tp_group=group, vocab_size=vocab_size, completion_start=completion_start)
     return (out.loss, out.direct, out.entropy, out.indirect, out.gate_mean, out.opener_length,
             out.selected_count.float())
 

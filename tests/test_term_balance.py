@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from harness import run_parallel, run_serial
+from megatron_tsdkd.data import TrainingBatch
 from megatron_tsdkd.losses import TSDKDLossConfig, tsdkd_loss
+from megatron_tsdkd.losses.config import TermShares
 from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS
 from megatron_tsdkd.methods.base import ShareWarning
+from megatron_tsdkd.methods.tsdkd import TSDKD, TSDKDConfig
 from megatron_tsdkd.training.metrics import ShareWatch
 from test_losses import dense_entropy, dense_tsdkd
 import test_train
@@ -25,8 +29,7 @@ workdir = test_train.workdir   # the tiny teacher/student pair and data set of t
 PADDED_VOCAB, VOCAB = 24, 22    # two padded columns; 24 splits over TP = 2
 CONFIGS = {
     "paper": TSDKDLossConfig(top_k=4, rho=0.5, opener_fraction=0.3, chunk_size=5),
-    "reference": TSDKDLossConfig(top_k=5, rho=0.3, opener_fraction=0.3, temperature=2.0, reference_compat=True,
-                                 chunk_size=7),
+    "reference": TSDKDLossConfig(top_k=5, rho=0.3, opener_fraction=0.3, reference_compat=True, chunk_size=7),
     "no entropy": TSDKDLossConfig(top_k=4, rho=0.6, use_entropy=False, gamma_em=0.5, alpha=0.3),
 }
 
@@ -63,13 +66,11 @@ def dense_selection_statistics(cfg):
     z_s, z_t = student[..., :VOCAB] / cfg.temperature, teacher[..., :VOCAB] / cfg.temperature
     valid = mask != 0
     h_s, h_t = dense_entropy(z_s), dense_entropy(z_t)
-    first = [int(torch.nonzero(valid[b])[0]) for b in range(mask.shape[0])]
-    region = torch.stack([torch.arange(mask.shape[1]) >= first[b] for b in range(mask.shape[0])])
-    if cfg.reference_compat:
-        chosen = region & (h_s >= torch.quantile(h_s[valid], cfg.rho))
-        frac = h_s[valid].cumsum(0) / h_s[valid].sum()
-        m = int(torch.nonzero(frac >= cfg.opener_fraction)[0])
-        opener = region & ((torch.arange(mask.shape[1]).unsqueeze(0) - torch.tensor(first).unsqueeze(1)) < m)
+    if cfg.reference_compat:   # the tensors are the released code's completion block (test_reference_compat.py)
+        chosen = h_s >= torch.quantile(h_s[valid].float(), cfg.rho)
+        share = h_s[valid].float() / h_s[valid].float().sum()
+        m = int((share.cumsum(0) >= cfg.opener_fraction).float().argmax())
+        opener = valid & (torch.arange(mask.shape[1]) < m)
     else:
         k = max(1, math.floor(cfg.rho * int(valid.sum()) + 1e-9))
         where = valid.nonzero()[torch.topk(h_s[valid], k).indices]                       # top-rho by H_S
@@ -233,8 +234,10 @@ def test_training_logs_grad_shares_and_warns_only_when_direct_is_drowned(workdir
     at steps 2 and 4 and the warning fires at step 4 (patience 2), with both engines (DeepSpeed's equal to
     megatron's); with the entropy and ranking terms off, grad_share/direct is 1 and nothing fires."""
     watch = ["method.direct_share_warning=0.9", "method.direct_share_patience=2", f"checkpoint.dir={tmp_path}/ck"]
-    drowned = overrides(workdir, "tsdkd", extra=watch + ["schedule.max_steps=4", "logging.interval=2"])
-    alone = overrides(workdir, "tsdkd", extra=watch + ["schedule.max_steps=2", "method.use_entropy=false",
+    drowned = overrides(workdir, "tsdkd", extra=watch + ["schedule.max_steps=4", "logging.interval=2",
+                                                         "logging.diagnostics_interval=2"])
+    alone = overrides(workdir, "tsdkd", extra=watch + ["schedule.max_steps=2", "logging.diagnostics_interval=1",
+                                                       "method.use_entropy=false",
                                                        "method.use_indirect=false", f"logging.dir={tmp_path}/tb2"])
     (metrics, warnings), (ds_metrics, ds_warnings), (alone_metrics, alone_warnings) = run_serial(_runs, [
         (drowned + [f"logging.dir={tmp_path}/tb"], "megatron"), (drowned + [f"logging.dir={tmp_path}/tb_ds"],
@@ -256,3 +259,169 @@ def test_training_logs_grad_shares_and_warns_only_when_direct_is_drowned(workdir
             assert d[name] == pytest.approx(m[name], rel=1e-4, abs=1e-7), (name, m[name], d[name])
     assert [m["grad_share/direct"] for m in alone_metrics] == [1.0, 1.0]
     assert not _balance_warnings(alone_warnings), alone_warnings
+
+
+# ------------------------------------------------------------------------------------------ the balance (shares)
+TARGETS = TermShares(direct=0.5, entropy=0.3, indirect=0.2)
+
+
+def balanced_method(targets=TARGETS, decay=0.9, **settings):
+    settings = {"top_k": 4, "rho": 0.5, "opener_fraction": 0.3, "chunk_size": 5, **settings}
+    return TSDKD(TSDKDConfig(balance="shares", target_shares=targets, balance_decay=decay, **settings))
+
+
+def method_batch(mask):
+    ids = torch.zeros(mask.shape, dtype=torch.long)
+    return TrainingBatch(ids, ids, mask, ids, torch.tensor([3, 5, 9]), torch.tensor([9, 9, 10]))
+
+
+def balanced_steps(method, student_full, teacher_full, mask, columns=slice(None), group=None, steps=4, noise=0.0):
+    """``steps`` micro-batches through the method (logits perturbed by ``noise`` each time): per step the loss,
+    the balance weights and the student gradient on this shard."""
+    gen = torch.Generator().manual_seed(3)
+    results = []
+    for _ in range(steps):
+        shift = noise * torch.randn(student_full.shape, generator=gen, dtype=student_full.dtype)
+        student = (student_full + shift)[..., columns].clone().requires_grad_()
+        method.logging_step = True
+        out = method.loss(student, teacher_full[..., columns], method_batch(mask), tp_group=group, vocab_size=VOCAB)
+        out.loss.backward()
+        weights = torch.tensor([float(out.diagnostics[f"balance/weight_{t}"]) for t in ("direct", "entropy",
+                                                                                          "indirect")])
+        results.append((out.loss.detach(), weights, student.grad))
+    return results
+
+
+def test_balance_reaches_the_target_shares_on_fixed_logits():
+    """The dense oracle's term norms times the applied weights give the targets (within 5%, after warm-up), and
+    the logged grad_share/* say so too."""
+    student, teacher, mask = full_inputs()
+    method = balanced_method()
+    steps = balanced_steps(method, student, teacher, mask)
+    norms, shares = dense_term_norms(CONFIGS["paper"])
+    assert shares["direct"] < 0.1, "the unbalanced direct share is not small: a vacuous check"
+    for _, weights, _ in steps[1:]:
+        applied = torch.tensor([norms[t] for t in ("direct", "entropy", "indirect")], dtype=torch.float64) * weights
+        applied = applied / applied.sum()
+        for got, want in zip(applied.tolist(), (TARGETS.direct, TARGETS.entropy, TARGETS.indirect)):
+            assert abs(got - want) <= 0.05 * want, (applied, TARGETS)
+    assert set(method.diagnostics) >= {"balance/weight_direct", "grad_share/direct"}
+
+
+def test_balance_settles_on_noisy_logits():
+    """Micro-batches that differ (noise on the logits): the smoothed weights still put each term near its target
+    on the last micro-batch (within 5% of the shares, measured by the dense oracle on that micro-batch)."""
+    student, teacher, mask = full_inputs()
+    method = balanced_method(decay=0.5)
+    steps = balanced_steps(method, student, teacher, mask, steps=12, noise=0.02)
+    gen = torch.Generator().manual_seed(3)
+    shifts = [0.02 * torch.randn(student.shape, generator=gen, dtype=student.dtype) for _ in range(12)]
+    s = (student + shifts[-1]).requires_grad_()
+    _, direct, entropy, indirect = dense_tsdkd(s, teacher, mask, CONFIGS["paper"], VOCAB)
+    terms = (direct, CONFIGS["paper"].gamma_em * entropy, CONFIGS["paper"].alpha * indirect)
+    norms = torch.stack([torch.autograd.grad(t, s, retain_graph=True)[0].norm() for t in terms]) * steps[-1][1]
+    applied = (norms / norms.sum()).tolist()
+    for got, want in zip(applied, (TARGETS.direct, TARGETS.entropy, TARGETS.indirect)):
+        assert abs(got - want) <= 0.05 * want, applied
+
+
+def test_balance_is_exact_when_the_targets_are_the_measured_shares():
+    student, teacher, mask = full_inputs()
+    _, shares = dense_term_norms(CONFIGS["paper"])
+    measured = TermShares(**shares)
+    balanced = balanced_steps(balanced_method(measured), student, teacher, mask, steps=2)
+    plain = TSDKD(TSDKDConfig(top_k=4, rho=0.5, opener_fraction=0.3, chunk_size=5))
+    s = student.clone().requires_grad_()
+    out = plain.loss(s, teacher, method_batch(mask), vocab_size=VOCAB)
+    out.loss.backward()
+    for loss, weights, grad in balanced:
+        assert torch.allclose(weights, torch.ones(3, dtype=weights.dtype), rtol=0, atol=1e-9), weights
+        assert abs(float(loss) - float(out.loss)) <= 1e-9 * abs(float(out.loss))
+        assert float((grad - s.grad).abs().max()) <= 1e-9 * float(s.grad.abs().max())
+
+
+def test_balance_state_resumes_exactly_and_switched_off_terms_keep_weight_one():
+    student, teacher, mask = full_inputs()
+    first = balanced_method()
+    balanced_steps(first, student, teacher, mask, steps=2)
+    resumed = balanced_method()
+    resumed.load_state_dict(first.state_dict())
+    a = balanced_steps(first, student, teacher, mask, steps=1, noise=0.1)[0]
+    b = balanced_steps(resumed, student, teacher, mask, steps=1, noise=0.1)[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert balanced_method().state_dict() == {"balance": {"average": None, "updates": 0}}
+    no_entropy = balanced_steps(balanced_method(use_entropy=False), student, teacher, mask, steps=2)[-1][1]
+    assert float(no_entropy[1]) == 1.0 and float(no_entropy[0]) != 1.0
+
+
+def test_balance_settings_are_validated_with_the_key_named():
+    from megatron_tsdkd.config import ConfigError, load_config
+    paths = ["models.student.path=s", "models.teacher.path=t", "data.train=d.jsonl", "method.name=tsdkd"]
+    for override, key in (("method.target_shares.direct=0.9", "method.target_shares: must sum to 1"),
+                          ("method.balance=always", "method.balance: must be one of"),
+                          ("method.target_shares.entropy=-0.1", "method.target_shares.entropy: must lie in"),
+                          ("method.balance_decay=1", "method.balance_decay: must lie in [0, 1)")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [*paths, "method.balance=shares", override])
+    cfg = load_config(None, [*paths, "method.balance=shares", "method.target_shares.direct=0.4",
+                             "method.target_shares.entropy=0.4"])
+    assert cfg.method.target_shares == TermShares(0.4, 0.4, 0.2)
+
+
+def _balance_worker(perturb_by_rank: bool):
+    """The balanced method for three micro-batches on this rank's vocabulary shard (TP) or its own logits (DP)."""
+    from megatron.core import parallel_state as ps
+    student, teacher, mask = full_inputs()
+    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    if perturb_by_rank:   # data-parallel ranks see different micro-batches
+        student = student + 0.3 * ps.get_data_parallel_rank() * torch.ones_like(student).cumsum(-1) / PADDED_VOCAB
+    width = PADDED_VOCAB // world
+    return balanced_steps(balanced_method(), student, teacher, mask, slice(rank * width, (rank + 1) * width),
+                          ps.get_tensor_model_parallel_group(), steps=3, noise=0.05)
+
+
+def test_balance_at_tp2_equals_tp1_and_is_shared_by_data_parallel_ranks():
+    student, teacher, mask = full_inputs()
+    single = balanced_steps(balanced_method(), student, teacher, mask, steps=3, noise=0.05)
+    per_rank = run_parallel(_balance_worker, False, world_size=2, tp=2)
+    for step, (loss, weights, grad) in enumerate(single):
+        for rank in range(2):
+            assert abs(float(per_rank[rank][step][0]) - float(loss)) <= 1e-9 * abs(float(loss)), (step, rank)
+            assert torch.allclose(per_rank[rank][step][1], weights, rtol=1e-9, atol=0), (step, rank)
+        gathered = torch.cat([per_rank[r][step][2] for r in range(2)], dim=-1)
+        assert float((gathered - grad).abs().max()) <= 1e-9 * float(grad.abs().max()), step
+    # DP = 2 (TP = 1): each rank its own logits, one set of weights: those of the ranks' averaged norms
+    per_rank = run_parallel(_balance_worker, True, world_size=2, tp=1)
+    assert all(torch.equal(per_rank[0][s][1], per_rank[1][s][1]) for s in range(3))
+    assert not torch.equal(per_rank[0][0][0], per_rank[1][0][0]), "the ranks' micro-batches do not differ"
+    mine = balanced_steps(balanced_method(), student, teacher, mask, steps=3, noise=0.05)
+    assert not torch.allclose(per_rank[0][-1][1], mine[-1][1]), "the weights ignore the other rank"
+
+
+def _balanced_resume(base, folder):
+    """Metrics of an uninterrupted 4-step run, and of a run cut after step 3 (its last complete checkpoint: step 2)
+    then resumed."""
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.trainer import build_trainer
+
+    def train(argv, stop_after=None):
+        history = build_trainer(load_config(None, argv)).train(stop_after=stop_after)
+        return [h.metrics for h in history if h.metrics is not None]
+
+    full = train(base + [f"checkpoint.dir={folder}/full"])
+    train(base + [f"checkpoint.dir={folder}/cut"], stop_after=3)
+    return full, train(base + [f"checkpoint.dir={folder}/cut", "checkpoint.resume=auto"])
+
+
+def test_balance_state_is_checkpointed_and_a_resumed_run_continues_exactly(workdir, tmp_path):
+    """Steps 3 and 4 after the resume equal the uninterrupted run's: their weights come from the EMA of the steps
+    before, so a lost or stale balance state changes them (a fresh EMA would hold step 3's norms alone)."""
+    base = overrides(workdir, "tsdkd", extra=["method.balance=shares", "checkpoint.interval=2", "logging.interval=1",
+                                              "logging.diagnostics_interval=1", f"logging.dir={tmp_path}/tb",
+                                              "schedule.max_steps=4"])
+    full, resumed = run_serial(_balanced_resume, base, str(tmp_path))
+    assert len(full) == 4 and len(resumed) == 2
+    for a, b in zip(full[2:], resumed):
+        for key in ("loss/total", "balance/weight_direct", "balance/weight_entropy", "balance/weight_indirect"):
+            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(a[key])), (key, full, resumed)
+    assert full[-1]["grad_share/direct"] == pytest.approx(0.6, abs=0.05)

@@ -56,7 +56,7 @@ def _resume_step(cfg) -> int:
 def dry_run(cfg) -> None:
     """Everything a launch checks before its first collective, for the world it would start; prints the summary
     and the memory plan. Raises the same errors a launch would (PreflightError, MemoryPlanError, ...)."""
-    from megatron_tsdkd.data import DistributedBatchSampler
+    from megatron_tsdkd.data import training_sampler
     from megatron_tsdkd.training.inputs import check_inputs
     from megatron_tsdkd.training.metrics import startup_summary
 
@@ -66,8 +66,7 @@ def dry_run(cfg) -> None:
     inputs = check_inputs(cfg)
     plan = inputs.memory_plan
     dp, b = world // (tp * pp), cfg.batch
-    sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
-                                      dp_rank=0, dp_size=dp, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    sampler = training_sampler(inputs.train, cfg.data, b.global_size // cfg.rollout.num_samples, 0, dp, cfg.seed)
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * sampler.batches_per_epoch  # as build_parts
     for line in startup_summary(cfg, inputs, plan, world_size=world, total_steps=total_steps,
                                 num_microbatches=b.global_size // (dp * b.micro_size), start_step=_resume_step(cfg)):

@@ -107,10 +107,19 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
 
 
 def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_length: int,
-                  device=None, weights: Optional[Sequence[Sequence[float]]] = None) -> tuple[list[TrainingBatch], int]:
-    """One optimizer step's (prompt, response) pairs -> micro-batches of ``micro_size`` rows, all of ONE length
-    (the pipeline's p2p buffers need one shape per step). Responses are cut so a row holds at most ``max_length``
-    tokens. ``weights``: optional float loss weights per response token of each pair, cut with their responses."""
+                  device=None, weights: Optional[Sequence[Sequence[float]]] = None,
+                  sort_by_length: bool = False) -> tuple[list[TrainingBatch], int]:
+    """One optimizer step's (prompt, response) pairs -> micro-batches of ``micro_size`` rows, each right-padded to
+    ITS OWN longest row, and the longest width of the step. Responses are cut so a row holds at most ``max_length``
+    tokens. ``weights``: optional float loss weights per response token of each pair, cut with their responses.
+
+    Micro-batches of different widths are what the trainer's schedule expects: at PP > 1 the co-located stage
+    asks megatron-core for variable sequence lengths (training/colocation.py), which sends each activation's shape
+    ahead of it. Padding only follows a row's real tokens (causal attention, right padding), so a row's numbers do
+    not depend on the width it is padded to. ``sort_by_length`` sorts the step's rows by length before cutting,
+    so rows of similar length share a micro-batch (less padding still); the trainer's per-token normalisation
+    keeps token-decomposable losses unchanged, but per-micro-batch quantities (TSD-KD's entropy set and opener)
+    see other neighbours."""
     if weights is not None and len(weights) != len(pairs):
         raise ValueError(f"{len(weights)} weight rows for {len(pairs)} pairs")
     cut = [max(max_length - len(p), 0) for p, _ in pairs]
@@ -118,9 +127,11 @@ def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_leng
         pairs = [(p, list(r)[:c]) for (p, r), c in zip(pairs, cut)]
     else:
         pairs = [(p, list(r)[:c], list(w)[:c]) for (p, r), w, c in zip(pairs, weights, cut)]
-    length = max(len(p) + len(r) for p, r, *_ in pairs)
-    batches = [collate_training(pairs[start:start + micro_size], pad_id, pad_to=length)
+    if sort_by_length:   # stable: rows of equal length keep their order
+        pairs = sorted(pairs, key=lambda row: len(row[0]) + len(row[1]))
+    batches = [collate_training(pairs[start:start + micro_size], pad_id)
                for start in range(0, len(pairs), micro_size)]
+    length = max(b.input_ids.shape[1] for b in batches)
     return [b.to(device) for b in batches] if device is not None else batches, length
 
 

@@ -1,15 +1,22 @@
-"""A tokenised chat data set held in memory: JSONL -> records -> chat template -> length limits, with stats.
+"""A tokenised chat data set: rows (data/sources.py) -> records -> chat template -> length limits, with stats.
 
-``mode`` decides what the same JSONL provides: ``off_policy`` keeps the data set's responses (teacher-generated responses
+``mode`` decides what the same rows provide: ``off_policy`` keeps the data set's responses (teacher-generated responses
 give sequence-level KD, lambda = 0), ``on_policy`` keeps prompts only, for the student to answer during training.
+With a ``cache_dir`` the tokenised set is built once on disk and memory-mapped (data/token_cache.py); without one it
+is held in memory, as small tools (tsdkd-eval) want.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Iterator, Optional
+
+import numpy as np
 
 from .chat_tokenization import ChatTemplateTokenizer, TokenizedExample, TruncationStats, fit_to_length
-from .records import MODES, Mode, read_jsonl
+from .records import DEFAULT_FIELDS, MODES, Fields, Mode, parse_record
+from .sources import DataSource, read_rows, resolve_source
+
+CHUNK_ROWS = 512
 
 
 @dataclass
@@ -30,25 +37,67 @@ class ChatDataset:
     def __getitem__(self, index: int) -> TokenizedExample:
         return self.examples[index]
 
+    def prompt_lengths(self) -> np.ndarray:
+        return np.asarray([len(e.prompt_ids) for e in self.examples], dtype=np.int64)
+
+    def response_lengths(self) -> np.ndarray:
+        return np.asarray([len(e.response_ids) for e in self.examples], dtype=np.int64)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (prompt + response; the prompt alone on-policy): what length-grouped sampling sorts."""
+        return self.prompt_lengths() + self.response_lengths()
+
     def for_epoch(self, epoch: int) -> "ChatDataset":
         """The examples of training epoch ``epoch``: the same every epoch here; a schedule (KPOD) varies them."""
         return self
 
 
-def load_chat_dataset(path: str, tokenizer, mode: Mode = "off_policy", max_length: int = 512,
-                      max_prompt_length: int = 256, end_of_turn_token: Optional[str] = None) -> ChatDataset:
-    """Read and tokenise ``path``; raises ``DataFormatError`` at the first bad line, ValueError if nothing is left."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def tokenized_chunks(source: DataSource, chat: ChatTemplateTokenizer, mode: Mode, max_length: int,
+                     max_prompt_length: int, fields: Fields, stats: TruncationStats,
+                     progress: Optional[Callable[[int], None]] = None) -> Iterator[list[TokenizedExample]]:
+    """The kept examples of ``source``, a chunk at a time; ``progress(rows)`` after each chunk."""
+    records = []
+
+    def encode():
+        kept = [fit_to_length(e, max_length, max_prompt_length, stats) for e in chat.encode_records(records)]
+        if progress is not None:
+            progress(len(records))
+        return [e for e in kept if e is not None]
+
+    for obj, where in read_rows(source):
+        records.append(parse_record(obj, where, mode, fields))
+        if len(records) == CHUNK_ROWS:
+            yield encode()
+            records = []
+    if records:
+        yield encode()
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
+
+
+def load_chat_dataset(path: str, tokenizer, mode: Mode = "off_policy", max_length: int = 512,
+                      max_prompt_length: int = 256, end_of_turn_token: Optional[str] = None,
+                      fields: Fields = DEFAULT_FIELDS, cache_dir: Optional[str] = None) -> ChatDataset:
+    """Read and tokenise ``path`` (any format of data/sources.py): in memory, or through the on-disk cache in
+    ``cache_dir`` (built once, memory-mapped). Raises ``DataFormatError`` at the first bad row, ValueError for a
+    path that is no data set or when nothing is left."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_lengths(max_length, max_prompt_length)
     chat = ChatTemplateTokenizer(tokenizer, end_of_turn_token)
-    stats = TruncationStats()
-    examples = []
-    for record in read_jsonl(path, mode):
-        example = fit_to_length(chat.encode_record(record), max_length, max_prompt_length, stats)
-        if example is not None:
-            examples.append(example)
-    if not examples:
-        raise ValueError(f"{path}: no usable examples ({stats.summary()})")
-    return ChatDataset(examples, stats, mode)
+    source = resolve_source(path)
+    if cache_dir:
+        from .token_cache import cached_dataset
+
+        dataset = cached_dataset(source, chat, mode, max_length, max_prompt_length, fields, cache_dir)
+    else:
+        stats = TruncationStats()
+        examples = [e for chunk in tokenized_chunks(source, chat, mode, max_length, max_prompt_length, fields, stats)
+                    for e in chunk]
+        dataset = ChatDataset(examples, stats, mode)
+    if not len(dataset):
+        raise ValueError(f"{path}: no usable examples ({dataset.stats.summary()})")
+    return dataset

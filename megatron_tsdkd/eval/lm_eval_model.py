@@ -7,9 +7,11 @@
   gen_kwargs say ``do_sample: false`` / ``temperature: 0``, else sampled with temperature/top_p/top_k; the decoded
   text is cut at the first stop string (``until``, plus the EOS text), as lm-eval's HF backend does.
 - ``loglikelihood`` / ``loglikelihood_rolling``: one forward pass per batch through the pipeline stages; the last
-  stage keeps the vocab-sharded logits (no full-vocabulary gather): log p(token) = logit[token] (from its owning
-  TP rank) - logsumexp over the shards (losses/vocab_parallel.py), and the greedy check compares the token with the
-  global top-1 (a top-1 per shard, then a gather of TP pairs).
+  stage keeps the vocab-sharded logits (no full-vocabulary gather) and scores them with the chunked vocab-parallel
+  cross-entropy forward (losses/cross_entropy.label_log_probs): log p(token) = logit[token] (from its owning TP
+  rank) - logsumexp over the shards, and the greedy flag (the token is the first maximal column, as HF's argmax),
+  ``chunk_size`` tokens at a time, so only one chunk is ever upcast to fp32 (not the whole [batch, seq, V/TP]
+  logits: ~20 GB at 16 x 2048 x 152k).
 - Tokenisation is lm-eval's own (``TemplateLM._encode_pair``, rolling windows from ``lm_eval.utils``), with the same
   truncation rules as ``lm_eval.models.huggingface.HFLM``, so the two backends score the same token sequences.
 
@@ -43,10 +45,12 @@ def _progress(total: int, desc: str):
 @register_model("tsdkd")
 class TsdkdLM(TemplateLM):
     """``TsdkdLM(model, tokenizer, tokens)`` wraps a loaded stage (models/source.load_model); ``--model tsdkd``
-    builds one from ``pretrained=PATH[,tp=N,pp=N,dtype=bf16,batch_size=N,max_length=N,format=auto]``."""
+    builds one from ``pretrained=PATH[,tp=N,pp=N,dtype=bf16,batch_size=N,max_length=N,chunk_size=N,format=auto]``
+    (``chunk_size``: tokens per fp32 chunk of the log-likelihood scoring)."""
 
     def __init__(self, model, tokenizer, tokens, *, batch_size: int = 16, max_length: int = 2048,
-                 max_gen_toks: int = 256, seed: int = 1234, chat_template: Optional[str] = None):
+                 max_gen_toks: int = 256, seed: int = 1234, chat_template: Optional[str] = None,
+                 chunk_size: int = 1024):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -57,6 +61,7 @@ class TsdkdLM(TemplateLM):
         self.seed = int(seed)
         self._calls = 0                           # sampled generation: a fresh, reproducible seed per call
         self._chat_template = chat_template
+        self.chunk_size = int(chunk_size)
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -87,7 +92,7 @@ class TsdkdLM(TemplateLM):
         tokens = token_spec(chat, [source], tp)
         init_distributed(ParallelLayout(tp, pp))
         model = load_model(source, dtype=DTYPES[dtype], padded_vocab_size=tokens.padded_vocab_size)
-        kwargs = {k: int(v) if k in ("batch_size", "max_length", "max_gen_toks", "seed") else v
+        kwargs = {k: int(v) if k in ("batch_size", "max_length", "max_gen_toks", "seed", "chunk_size") else v
                   for k, v in kwargs.items()}
         return cls(model, chat.tokenizer, tokens, **kwargs)
 
@@ -192,35 +197,32 @@ class TsdkdLM(TemplateLM):
         argmax. Collective over the model-parallel group; every rank returns the same values."""
         from megatron.core import parallel_state as ps
 
-        from megatron_tsdkd.losses.vocab_parallel import VocabShard, gather_global_ids, log_normalizer, topk_global
+        from megatron_tsdkd.losses.cross_entropy import label_log_probs
         from megatron_tsdkd.runtime.collectives import group_device
 
         device = next(self.model.parameters()).device
-        full = [r[0] for r in rows]
-        lengths = [len(ids) for ids in full]
-        width = max(lengths)
+        width = max(len(r[0]) for r in rows)
         pad = self.tokens.pad_id
         tokens = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        labels = torch.full((len(rows), width), pad, dtype=torch.long, device=device)   # the token after each
         valid = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
-        for i, ids in enumerate(full):
+        scored = torch.zeros((len(rows), width), dtype=torch.bool, device=device)      # the last n positions
+        for i, (ids, n, final) in enumerate(rows):
             tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[i, :len(ids)] = torch.tensor(ids[1:] + [final], dtype=torch.long)
             valid[i, :len(ids)] = True
+            scored[i, len(ids) - n:len(ids)] = True
         logits = _full_forward(self.model, tokens, valid)      # [b, s, V/TP] on the last stage, else None
         result = torch.zeros((len(rows), 2), dtype=torch.float64, device=device)
         if logits is not None:
             tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 \
                 else None
-            logits = logits.float()
-            shard = VocabShard.of(logits, tp_group, self.tokens.vocab_size)
-            for i, ((ids, n, final), length) in enumerate(zip(rows, lengths)):
-                # the targets of positions length-n .. length-1: the inputs after them, then the final token
-                targets = ids[length - n + 1:] + [final]
-                z = logits[i, length - n:length]                            # [n, V/TP]
-                target_ids = torch.tensor(targets, dtype=torch.long, device=device).unsqueeze(-1)
-                logprob = gather_global_ids(z, target_ids, shard).squeeze(-1) - log_normalizer(z, shard)
-                _, best = topk_global(z, 1, shard)
-                result[i, 0] = logprob.double().sum()
-                result[i, 1] = float(bool((best.squeeze(-1) == target_ids.squeeze(-1)).all()))
+            logprob, greedy = label_log_probs(logits, labels, scored, tp_group, self.tokens.vocab_size,
+                                              self.chunk_size)   # per scored position, row-major
+            row = scored.nonzero()[:, 0]
+            result[:, 0].index_add_(0, row, logprob.double())
+            misses = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, (~greedy).double())
+            result[:, 1] = (misses == 0).double()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             result = result.to(group_device(ps.get_pipeline_model_parallel_group()))
             dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),

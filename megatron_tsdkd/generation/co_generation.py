@@ -31,7 +31,7 @@ import torch
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.generation.generate import GenerationOutput, _device, decode, output_fields
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
-from megatron_tsdkd.generation.token_selection import filter_top_k_top_p, select_tokens
+from megatron_tsdkd.generation.token_selection import draw, filter_top_k_top_p, select_tokens
 from megatron_tsdkd.losses.vocab_parallel import VocabShard, gather_global_ids, topk_global
 
 RULES = ("speculative", "mixture")
@@ -69,7 +69,7 @@ def mixture_tokens(student: torch.Tensor, teacher: torch.Tensor, config: Samplin
     if config.greedy:
         return ((1.0 - mix_alpha) * student.float().softmax(-1) + mix_alpha * teacher.float().softmax(-1)).argmax(-1)
     probs = (1.0 - mix_alpha) * _distribution(student, config) + mix_alpha * _distribution(teacher, config)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
 
 
 def speculative_tokens(student: torch.Tensor, teacher: torch.Tensor, config: SamplingConfig, top_k: int,

@@ -74,7 +74,9 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
     """The decoding loop every generator shares: the models (co-located, each with its own KV cache) run the new
     column stage by stage; on the last pipeline stage ``pick(logits, done)`` turns their next-token logits (one
     [b, V] tensor per model) into ids [b]; the ids reach every rank; a row stops at its EOS. Returns the
-    generated columns [b, max_new_tokens], each row's response length and whether it ended with an EOS."""
+    generated columns [b, max_new_tokens], each row's response length and whether it ended with an EOS. Nothing
+    in a step reads a device value back to the host, except the stop check every ``config.stop_check_interval``
+    tokens."""
     from contextlib import ExitStack
 
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -112,9 +114,11 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
             new = torch.where(done, torch.full_like(new, pad_token_id), new)
             batch.tokens[:, known] = new
             stops = ~done & torch.isin(new, eos)
-            lengths[stops] = step + 1
+            lengths = torch.where(stops, step + 1, lengths)   # not lengths[stops] = ...: a mask index syncs
             done |= stops
-            if bool(done.all()):   # the schedule's one host sync per token: every rank stops together
+            # The loop's one host sync, every stop_check_interval tokens; every rank holds the same `done`, so all
+            # stop together. Finished rows meanwhile get padding and keep their length: same outputs.
+            if (step + 1) % config.stop_check_interval == 0 and bool(done.all()):
                 break
     return batch.tokens[:, batch.prompt_len:], lengths, done
 

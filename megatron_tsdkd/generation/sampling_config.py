@@ -21,10 +21,15 @@ class SamplingConfig:
     top_k: int = 0                      # 0 = off
     greedy: bool = False
     num_samples: int = 1                # responses per prompt
+    # decode reads "has every row stopped?" back to the host every N tokens only (the loop's one host sync);
+    # finished rows produce padding meanwhile, so the responses are those of a check at every token
+    stop_check_interval: int = 16
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        require(isinstance(self.stop_check_interval, int) and self.stop_check_interval >= 1, "stop_check_interval",
+                self.stop_check_interval, "must be an integer >= 1")
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables it)")
         require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must lie in (0, 1]")
         require_flags(self, "greedy")

@@ -31,12 +31,21 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One id per row of ``probs`` [b, V] (non-negative, rows need not sum to 1), drawn with ``generator``,
+    entirely on the device: the exponential race argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
+    p_i / sum(p) (the minimum of independent Exp(p_i) clocks E_i / p_i). ``torch.multinomial`` would draw the
+    same law but validates the probabilities on the host (a sync per call on GPU). Zero-probability ids score 0
+    and never beat a positive one."""
+    noise = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
+    return (probs.float() / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
 def sample_from_logits(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
     """Ids [b] drawn from full-vocabulary logits [b, V] with temperature, top-k and top-p; deterministic given
     the generator's state."""
     logits = filter_top_k_top_p(logits.float() / config.temperature, config.top_k, config.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(dim=-1), generator)
 
 
 def select_tokens(logits: torch.Tensor, config: SamplingConfig, vocab_size: int,

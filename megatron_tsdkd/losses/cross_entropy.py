@@ -1,4 +1,5 @@
-"""Vocab-parallel cross-entropy on labels (SFT, Seq-KD), chunked like the distillation losses.
+"""Vocab-parallel cross-entropy on labels (SFT, Seq-KD), chunked like the distillation losses; its forward alone
+gives log-likelihoods and greedy flags for evaluation (``label_log_probs``, lm-eval's loglikelihood).
 
 Hand-written rather than megatron.core.tensor_parallel.vocab_parallel_cross_entropy because that one reads the global
 parallel_state group (this library takes any group, or None for one device), upcasts the whole [tokens, V/TP] tensor
@@ -15,8 +16,8 @@ from megatron_tsdkd.losses.token_statistics import compute_dtype, upcast_rows
 from megatron_tsdkd.losses.vocab_parallel import VocabShard, all_reduce_, global_max
 
 
-def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024) -> torch.Tensor:
-    """sum_t mask_t * (-log p(labels_t)) / #(mask != 0): a token mean for 0/1 masks, a weighted sum for float ones."""
+def _targets(logits, labels, mask, tp_group, vocab_size):
+    """(2-D logits view, shard, flat target positions, their labels), with the labels checked."""
     flat = flatten_logits("student", logits, mask)
     if tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match mask shape {tuple(mask.shape)}")
@@ -26,9 +27,27 @@ def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chu
     if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= shard.vocab_size):
         bad = target_labels[(target_labels < 0) | (target_labels >= shard.vocab_size)][0].item()
         raise ValueError(f"label {bad} at a masked-in position is outside the vocabulary [0, {shard.vocab_size})")
+    return flat, shard, targets, target_labels
+
+
+def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024) -> torch.Tensor:
+    """sum_t mask_t * (-log p(labels_t)) / #(mask != 0): a token mean for 0/1 masks, a weighted sum for float ones."""
+    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size)
     per_token = _CrossEntropyFunction.apply(flat, targets, target_labels, shard, int(chunk_size))
     weights = mask.reshape(-1).index_select(0, targets).to(per_token.dtype)
     return (per_token * weights).sum() / max(targets.numel(), 1)
+
+
+@torch.no_grad()
+def label_log_probs(logits, labels, mask, tp_group=None, vocab_size=None,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per target (mask != 0, row-major): log p(label) in the compute dtype (fp32 for bf16 logits), and whether the
+    label is the argmax over the real vocabulary (the first maximal column, as ``torch.argmax``: lm-eval's
+    ``is_greedy``). The cross-entropy's chunked forward, without a graph: at most one chunk is ever upcast, and
+    the greedy test rides on its all-reduce (no extra collective)."""
+    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size)
+    lse, label_logit, greedy = _label_terms(flat, targets, target_labels, shard, int(chunk_size), greedy=True)
+    return label_logit - lse, greedy
 
 
 def _label_logits(z: torch.Tensor, labels: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,22 +60,42 @@ def _label_logits(z: torch.Tensor, labels: torch.Tensor, shard: VocabShard) -> t
     return torch.where(owned, z.gather(1, column.unsqueeze(1)).squeeze(1), 0.0), column, owned
 
 
+def _label_terms(logits, targets, labels, shard: VocabShard, chunk_size: int, greedy: bool = False):
+    """Chunk by chunk (one upcast chunk at a time): the log-normaliser and the label's logit of every target, and
+    with ``greedy`` whether the label is the first maximal column: its logit is the maximum, and no rank's first
+    maximal column (``argmax``) reaches the maximum before it (a 0/1 per rank, summed in the same all-reduce)."""
+    dtype = compute_dtype(logits)
+    n = targets.numel()
+    lse = torch.zeros(n, dtype=dtype, device=logits.device)
+    label_logit = torch.zeros_like(lse)
+    is_greedy = torch.zeros(n if greedy else 0, dtype=torch.bool, device=logits.device)
+    for lo in range(0, n, chunk_size):
+        hi = min(n, lo + chunk_size)
+        z = upcast_rows(logits, targets[lo:hi], shard, dtype, 1.0)
+        shift = global_max(z, shard)
+        local_label, _, _ = _label_logits(z, labels[lo:hi], shard)
+        z.sub_(shift.unsqueeze(1))
+        parts = [local_label]
+        if greedy and z.shape[1]:   # this rank's first maximal column, if it is the global maximum (0 after the shift)
+            first = z.argmax(dim=1)
+            at_max = z.gather(1, first.unsqueeze(1)).squeeze(1) == 0
+            parts.append((at_max & (first + shard.start < labels[lo:hi])).to(dtype))
+        elif greedy:                # a rank with no real column has no maximum
+            parts.append(torch.zeros_like(local_label))
+        sums = torch.stack([z.exp_().sum(dim=1), *parts], dim=1)
+        all_reduce_(sums, shard)
+        lse[lo:hi] = sums[:, 0].log() + shift
+        label_logit[lo:hi] = sums[:, 1]
+        if greedy:
+            is_greedy[lo:hi] = (sums[:, 1] == shift) & (sums[:, 2] == 0)
+    return lse, label_logit, is_greedy
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, labels, shard, chunk_size):
-        dtype = compute_dtype(logits)
-        n = targets.numel()
-        loss = torch.zeros(n, dtype=dtype, device=logits.device)
-        lse = torch.zeros_like(loss)
-        for lo in range(0, n, chunk_size):
-            hi = min(n, lo + chunk_size)
-            z = upcast_rows(logits, targets[lo:hi], shard, dtype, 1.0)
-            shift = global_max(z, shard)
-            label_logit, _, _ = _label_logits(z, labels[lo:hi], shard)
-            sums = torch.stack([z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1), label_logit], dim=1)
-            all_reduce_(sums, shard)
-            lse[lo:hi] = sums[:, 0].log() + shift
-            loss[lo:hi] = lse[lo:hi] - sums[:, 1]
+        lse, label_logit, _ = _label_terms(logits, targets, labels, shard, chunk_size)
+        loss = lse - label_logit
         ctx.save_for_backward(logits, targets, labels, lse)
         ctx.shard, ctx.chunk_size = shard, chunk_size
         return loss

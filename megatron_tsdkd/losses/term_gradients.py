@@ -10,7 +10,8 @@ alpha * L_indirect) and student logits z (vocab-sharded [batch, seq, V/TP] over 
 Shares are of norms, not of squared norms, and ignore the angles between the g_i: they say how loud each term
 is, not how much of the update's direction it sets. They are invariant to the trainer's per-token weighting
 (a common factor of every term). Costly (one extra backward of the loss head per term, each holding one
-shard-sized gradient until its norm is taken), so only run at logging steps; ordinary steps never call it.
+shard-sized gradient until its norm is taken): run at diagnostic steps for the diagnostics, and on every micro-batch
+only when ``method.balance=shares`` needs the norms (losses/term_balance.py; the diagnostics then reuse them).
 """
 from __future__ import annotations
 

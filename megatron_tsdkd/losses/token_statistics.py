@@ -93,7 +93,7 @@ def token_statistics(student: torch.Tensor, teacher: torch.Tensor | None, token_
                      chunk_size: int = 1024, top_k: int = 0, argmax: bool = False) -> TokenStatistics:
     """Per-token statistics at rows ``token_index`` of 2-D logits [tokens, V/TP] (see the module docstring).
 
-    ``argmax`` adds both models' top-1 ids (one more small all-gather per chunk): for diagnostics at logging steps.
+    ``argmax`` adds both models' top-1 ids (one more small all-gather per chunk): for diagnostics at diagnostic steps.
     """
     if student.dim() != 2:
         raise ValueError(f"student logits must be 2-D [tokens, V/TP], got shape {tuple(student.shape)}")
@@ -214,6 +214,9 @@ class _TokenStatisticsFunction(torch.autograd.Function):
         ctx.save_for_backward(student, teacher, token_index, lse_s, lse_t, h_s, aux, cand_ids)
         ctx.divergence, ctx.shard, ctx.temperature, ctx.chunk_size = divergence, shard, temperature, chunk_size
         ctx.mark_non_differentiable(h_t, cand_t, cand_ids, lse_t, top1_s, top1_t)
+        # An output the loss does not use gets None, not zeros: a backward of one term alone (the per-term gradient
+        # norms of the diagnostics and of the term balance) then skips the others' vocabulary work
+        ctx.set_materialize_grads(False)
         return div, h_s, h_t, cand_s, cand_t, cand_ids, lse_t, top1_s, top1_t
 
     @staticmethod
@@ -226,12 +229,19 @@ class _TokenStatisticsFunction(torch.autograd.Function):
         grad_student = torch.zeros_like(student)
         if kind == "none":
             grad_div = None
+        if grad_cand_s is not None and not grad_cand_s.shape[1]:
+            grad_cand_s = None
+        if grad_div is None and grad_h_s is None and grad_cand_s is None:
+            return (None,) * 9
         for lo in range(0, token_index.numel(), chunk):
             hi = min(token_index.numel(), lo + chunk)
             rows = token_index[lo:hi]
-            logp_s = upcast_rows(student, rows, shard, dtype, temperature).sub_(lse_s[lo:hi].unsqueeze(1))
-            p_s = torch.exp(logp_s)
-            grad = torch.zeros_like(p_s)
+            if grad_div is None and grad_h_s is None:   # the candidates' gradient alone: no vocabulary pass
+                grad = torch.zeros(hi - lo, shard.real_width, dtype=dtype, device=student.device)
+            else:
+                logp_s = upcast_rows(student, rows, shard, dtype, temperature).sub_(lse_s[lo:hi].unsqueeze(1))
+                p_s = torch.exp(logp_s)
+                grad = torch.zeros_like(p_s)
             if grad_div is not None:
                 c_div = grad_div[lo:hi].unsqueeze(1)
                 logp_t = upcast_rows(teacher, rows, shard, dtype, temperature).sub_(lse_t[lo:hi].unsqueeze(1))

@@ -52,8 +52,9 @@ class DistillationConfig(MethodConfig):
 class MethodOutput:
     loss: torch.Tensor                                   # fp32 scalar, the micro-batch loss (mean over its targets)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)   # detached scalars, logged as loss/<name>
-    # Detached scalars under their own TensorBoard names (DistillationMethod.diagnostics), filled on logging steps
-    # only; not token-weighted loss terms: the trainer averages them over micro-batches and data-parallel ranks.
+    # Detached scalars under their own TensorBoard names (DistillationMethod.diagnostics), filled on diagnostic
+    # steps only (logging.diagnostics_interval); not token-weighted loss terms: the trainer averages them over
+    # micro-batches and data-parallel ranks.
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -85,8 +86,8 @@ class DistillationMethod:
     # The engines that can run it and why not the others: engine=deepspeed has the student's own generate only and
     # the plain data path (no co-generation, no per-epoch weighted samples).
     engines: ClassVar[tuple[str, ...]] = ("megatron", "deepspeed")
-    # Set by the trainer before each micro-batch's loss: True on steps whose metrics are logged. Diagnostics cost
-    # extra work (e.g. one backward per loss term), so a method computes them only then.
+    # Set by the trainer before each micro-batch's loss: True on diagnostic steps (logging.diagnostics_interval).
+    # Diagnostics cost extra work (e.g. one backward per loss term), so a method computes them only then.
     logging_step: bool = False
 
     def __init__(self, config: MethodConfig):
@@ -106,6 +107,14 @@ class DistillationMethod:
     def share_warning(self) -> Optional[ShareWarning]:
         """The diagnostic the trainer should watch, if any (from the method's settings)."""
         return None
+
+    def state_dict(self) -> dict:
+        """State the method carries from step to step (e.g. TSD-KD's term balance), saved in the trainer's
+        checkpoint so a resumed run continues exactly; plain Python data. Most methods have none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output (an empty dict: nothing saved, e.g. an older checkpoint)."""
 
 
 METHODS: dict[str, type[DistillationMethod]] = {}

@@ -1,11 +1,19 @@
-"""TSD-KD: gated generalized JSD + entropy regularisation + teacher re-ranking of the student's candidates."""
+"""TSD-KD: gated generalized JSD + entropy regularisation + teacher re-ranking of the student's candidates.
+
+``balance: shares`` keeps a ``TermBalance`` (losses/term_balance.py) here, across steps: its weights are averaged
+over the data-parallel group, and its state is part of ``state_dict`` (the trainer's checkpoint).
+"""
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
+
+from megatron.core import parallel_state
 
 from megatron_tsdkd.losses import TSDKDLossConfig, tsdkd_loss
 from megatron_tsdkd.losses.sequence_ranking import sequence_ranking_loss
+from megatron_tsdkd.losses.term_balance import TermBalance
 from megatron_tsdkd.losses.term_gradients import term_gradient_norms
-from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS
+from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS, TERMS
 from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, ShareWarning, register
 
 
@@ -20,13 +28,26 @@ class TSDKD(DistillationMethod):
     Config = TSDKDConfig
     logs = ("direct", "entropy", "indirect", "gate_mean", "opener_length", "selected_count")
     diagnostics = DIAGNOSTICS   # term gradient shares and selection statistics (losses/tsdkd.py), logging steps only
+    BALANCE_WEIGHTS = tuple(f"balance/weight_{t}" for t in TERMS)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.balance = None
+        if config.balance == "shares":
+            shares = config.target_shares
+            self.balance = TermBalance((shares.direct, shares.entropy, shares.indirect),
+                                       (True, config.use_entropy, config.use_indirect), config.balance_decay)
+            self.diagnostics = DIAGNOSTICS + self.BALANCE_WEIGHTS   # logged with the others
 
     def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
         # indirect_level=sequence: the token-level ranking is replaced by the teacher's ranking of whole responses
         sequence = self.config.use_indirect and self.config.indirect_level == "sequence"
         config = dataclasses.replace(self.config, use_indirect=False) if sequence else self.config
+        # reference_compat: the released rules see each row's completion block, from its prompt end on
+        start = batch.prompt_lengths - 1 if config.reference_compat else None
+        balance = partial(self._balance_weights, group=data_parallel_group()) if self.balance else None
         out = tsdkd_loss(student_logits, teacher_logits, batch.loss_mask, config, tp_group=tp_group,
-                         vocab_size=vocab_size, diagnose=self.logging_step)
+                         vocab_size=vocab_size, diagnose=self.logging_step, completion_start=start, balance=balance)
         loss, metrics = out.loss, {name: getattr(out, name).detach().float() for name in self.logs}
         if sequence:
             indirect = sequence_ranking_loss(student_logits, teacher_logits, batch.labels, batch.loss_mask,
@@ -40,7 +61,19 @@ class TSDKD(DistillationMethod):
                 norms, shares = term_gradient_norms(weighted, student_logits, tp_group)
                 out.diagnostics.update({f"grad_norm/{k}": v.float() for k, v in norms.items()})
                 out.diagnostics.update({f"grad_share/{k}": v.float() for k, v in shares.items()})
+        if self.balance and self.logging_step:
+            out.diagnostics.update({name: w.float() for name, w in zip(self.BALANCE_WEIGHTS, out.term_weights)})
         return MethodOutput(loss, metrics, out.diagnostics)
+
+    def _balance_weights(self, norms, group):
+        return self.balance.weights() if norms is None else self.balance.update(norms, group=group)
+
+    def state_dict(self) -> dict:
+        return {"balance": self.balance.state_dict()} if self.balance else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.balance and "balance" in state:
+            self.balance.load_state_dict(state["balance"])
 
     def share_warning(self):
         if not self.config.direct_share_warning:
@@ -48,3 +81,9 @@ class TSDKD(DistillationMethod):
         return ShareWarning("grad_share/direct", self.config.direct_share_warning, self.config.direct_share_patience,
                             "the distillation term hardly reaches the student; method.gamma_em (entropy term) and "
                             "method.alpha (ranking term) scale the others")
+
+
+def data_parallel_group():
+    """The group the balance averages over: megatron's data-parallel group, or (DeepSpeed engine, every rank a
+    data-parallel replica; or no process group at all) None, the default group."""
+    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None

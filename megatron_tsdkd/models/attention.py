@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from megatron_tsdkd.checks import require
+from megatron_tsdkd.runtime.device_choices import auto_attention_backend
 
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
 MASKED_SCORE = -10000.0   # megatron's attention_mask_func value (transformer/utils.py:50)
@@ -64,9 +65,7 @@ def resolve_attention_backend(name: str) -> str:
     """The concrete backend ('te', 'sdpa' or 'local') that ``name`` stands for on this machine."""
     check_attention_backend(name)
     if name == "auto":
-        if torch.cuda.is_available():
-            return "te" if transformer_engine_available() else "sdpa"
-        return "local"
+        return auto_attention_backend(transformer_engine_available)
     if name == "te" and not transformer_engine_available():
         raise ValueError("attention_backend: 'te' needs transformer_engine, which does not import here; "
                          "use 'auto', 'sdpa' or 'local', got 'te'")
@@ -113,19 +112,46 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
             additive = torch.zeros(sq, sk, dtype=q.dtype, device=q.device).masked_fill_(future, MASKED_SCORE)
 
-    native_gqa = False
-    if groups != heads:
-        # enable_gqa is honoured by the flash kernel only (half precision, no mask); elsewhere it falls back to
-        # the math kernel, so repeat the kv heads (megatron's own order: head i reads group i // (np / ng)).
-        native_gqa = additive is None and q.dtype in (torch.float16, torch.bfloat16)
-        if not native_gqa:
-            k = k.repeat_interleave(heads // groups, dim=1)
-            v = v.repeat_interleave(heads // groups, dim=1)
-
-    kwargs = {"enable_gqa": True} if native_gqa else {}
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=additive, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+    if groups != heads and additive is not None:
+        # A mask (generation's left padding): fold each group's heads into its query rows instead of repeating
+        # the keys and values to every head (a copy of the whole KV cache per layer per token).
+        out = _grouped_attention(q, k, v, additive, scale, dropout_p)
+    else:
+        native_gqa = False
+        if groups != heads:
+            # No mask: enable_gqa is honoured by the flash kernel only (half precision, no mask); elsewhere it
+            # falls back to the math kernel (whose [s, s] scores training cannot afford), so repeat the kv heads
+            # (megatron's own order: head i reads group i // (np / ng)).
+            native_gqa = q.dtype in (torch.float16, torch.bfloat16)
+            if not native_gqa:
+                k = k.repeat_interleave(heads // groups, dim=1)
+                v = v.repeat_interleave(heads // groups, dim=1)
+        kwargs = {"enable_gqa": True} if native_gqa else {}
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=additive, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
     return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)     # [sq, b, np * hn]
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: torch.Tensor, scale: float,
+                       dropout_p: float) -> torch.Tensor:
+    """GQA with an additive mask, without repeating keys and values: query [b, np, sq, hn] becomes
+    [b, ng, (np / ng) * sq, hn] (head i = g * rep + r, megatron's order), so each group's heads are extra query
+    rows against the group's own keys [b, ng, sk, hn]; the mask is laid out the same way. Any SDPA kernel that
+    takes a mask runs it (on CUDA, enable_gqa with a mask falls back to the math kernel, which repeats the heads
+    itself; transformers' use_gqa_in_sdpa draws the same line).
+    Returns [b, np, sq, hn]."""
+    b, heads, sq, hn = q.shape
+    groups, sk = k.shape[1], k.shape[2]
+    rep = heads // groups
+    mask = additive.reshape((1,) * (4 - additive.dim()) + tuple(additive.shape))
+    mb, mh = mask.shape[0], mask.shape[1]
+    if mh == heads:   # one mask per head: [mb, ng, rep * sq, sk]
+        mask = mask.expand(mb, heads, sq, sk).reshape(mb, groups, rep * sq, sk)
+    else:             # shared by all heads: repeated over each group's rep query blocks
+        mask = mask.expand(mb, 1, sq, sk).unsqueeze(2).expand(mb, 1, rep, sq, sk).reshape(mb, 1, rep * sq, sk)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(b, groups, rep * sq, hn), k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.reshape(b, heads, sq, hn)
 
 
 # ---------------------------------------------------------------------------------------------------------------

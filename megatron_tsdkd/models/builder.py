@@ -3,7 +3,8 @@ chosen by ``attention_backend``, see attention.py).
 
 The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron
 parallel_state. Weights are random (or uninitialised with ``perform_initialization=False``); load them with
-``load_hf_weights`` or ``load_mcore_weights``; their names are the same for every attention backend.
+``load_hf_weights`` or ``load_mcore_weights``; their names are the same for every attention backend. Nothing here
+depends on the device: split weights are marked tensor-parallel by ``mark_tensor_parallel_weights`` on every path.
 
 Activation recompute (``recompute``) maps onto TransformerConfig:
     none       nothing recomputed
@@ -59,7 +60,6 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     check_parallel_layout(spec, tp, pp)
-    on_cpu = not torch.cuda.is_available()
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -83,21 +83,61 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         pipeline_dtype=params_dtype,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        # Need Apex / Transformer Engine, absent by design (local spec).
+        # Need Apex / Transformer Engine, absent by design (local spec), on every device. So does the fused masked
+        # softmax: megatron imports the CUDA extension scaled_masked_softmax_cuda for it (fusions/fused_softmax.py:81),
+        # which megatron-core's wheel does not ship, so the local backend on a GPU would fail at its first forward.
+        # The fused bias-dropout-add is torch.compile'd (megatron/core/jit.py) and recompiles per sequence length;
+        # with no linear biases and no dropout in these models it would fuse a plain residual add.
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         bias_activation_fusion=False,
-        use_cpu_initialization=on_cpu,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
     )
-    if on_cpu:  # the fused CUDA kernels do not exist on the CPU
-        kwargs.update(masked_softmax_fusion=False, bias_dropout_fusion=False)
     kwargs.update(overrides)
-    if on_cpu:
-        # megatron's CPU-initialisation path marks weights as tensor-parallel only while it initialises them
-        # (tensor_parallel/layers.py:244, :855); unmarked, TP>1 grad norms count sharded weights as replicas.
-        kwargs["perform_initialization"] = True
+    # Random weights are drawn whole on the host and split (megatron's CPU initialisation), so one seed gives the
+    # same model in every TP layout (tests, benchmarks, a student trained from scratch); weights that a load will
+    # overwrite (perform_initialization=False, models/source.py) are allocated straight on the device and never
+    # initialised. Either way build_model then marks the split weights itself (mark_tensor_parallel_weights).
+    kwargs.setdefault("use_cpu_initialization", kwargs.get("perform_initialization", True))
     return TransformerConfig(**kwargs)
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give every tensor-parallel-split weight megatron's TP attributes (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``), whatever the device and initialisation flags.
+
+    megatron-core sets them on Column/RowParallelLinear and VocabParallelEmbedding weights only inside its
+    initialisers (tensor_parallel/layers.py:137, :170), which run only with ``perform_initialization=True``. A
+    model built to be loaded into skips them, and ``param_is_not_tensor_parallel_duplicate`` then counts each
+    unmarked shard on TP rank 0 only: the gradient norm (and with it clipping and ``optim/grad_norm``) sees about
+    1/TP of the split weights. Column-parallel biases are marked by megatron unconditionally; row-parallel biases
+    and norms are replicated, not split. A weight megatron already marked must agree with this rule (a check that
+    megatron's layout has not moved under us)."""
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                               set_tensor_model_parallel_attributes)
+    from megatron.core.transformer.mlp import MLP
+
+    # megatron's MLP splits a gated fc1 ([gate | up]) with stride 2 (transformer/mlp.py:105-115)
+    strided = {id(m.linear_fc1): 2 for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit}
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = module.weight   # None: a first stage's output layer that reuses the embedding's weight
+        if weight is None:
+            continue
+        want = (True, dim, strided.get(id(module), 1))
+        if not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, *want)
+        have = (weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride)
+        if have != want:
+            raise RuntimeError(f"{name}.weight: megatron marked it (tensor_model_parallel, partition_dim, "
+                               f"partition_stride) = {have}, expected {want}")
 
 
 def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_vocab_size: Optional[int] = None,
@@ -141,6 +181,11 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
     for module in model.modules():
         if isinstance(module, torch.nn.RMSNorm):
             module.to(params_dtype)
+    mark_tensor_parallel_weights(model)
+    if config.use_cpu_initialization:   # built on the host: to this rank's device (a no-op on CPU)
+        from megatron_tsdkd.runtime import device
+
+        model.to(device())
     return model
 
 

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from megatron_tsdkd.runtime.device_choices import default_dtype  # noqa: F401 - the device decides: see there
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = tuple(DTYPES)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def default_dtype() -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and tests compare against fp32 references)."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

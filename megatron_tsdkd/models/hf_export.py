@@ -3,7 +3,8 @@
 Each pipeline stage is assembled on its first TP rank (of data-parallel replica 0) from an all-gather over its TP
 group, and written by that rank as its own safetensors shard(s): no rank ever holds more than one stage. Rank 0
 writes model.safetensors.index.json and the HF metadata (config, generation config, tokenizer files) after all
-ranks agreed on the file plan.
+ranks agreed on the file plan. Every file goes through the one atomic writer (runtime/atomic_files.py): complete
+or absent, with the mode the umask gives (safetensors alone would leave the weights 0600).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from megatron_tsdkd.models.hf_config import arch_spec
 from megatron_tsdkd.models.hf_weights import INDEX_FILE
 from megatron_tsdkd.models.mapping import hf_tensor_shapes, model_layouts
 from megatron_tsdkd.models.mcore_checkpoint import copy_hf_meta
+from megatron_tsdkd.runtime.atomic_files import write_atomic, write_json_atomic, write_text_atomic
 from megatron_tsdkd.runtime.collectives import all_gather_objects, barrier
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -115,16 +117,15 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
     barrier()
     for i, (s, members) in enumerate(files_in_order):
         if writer and s == stage:
-            save_file({n: tensors[n].contiguous() for n in members}, os.path.join(out_dir, names[i]),
-                      metadata={"format": "pt"})
+            shard = {n: tensors[n].contiguous() for n in members}
+            write_atomic(os.path.join(out_dir, names[i]), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
     if dist.get_rank() == 0:
         total = sum(nbytes for sizes in sizes_per_stage for _, nbytes in sizes)
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        write_json_atomic(os.path.join(out_dir, INDEX_FILE),
+                          {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         copy_hf_meta(hf_meta_dir, out_dir)
         _record_dtype(os.path.join(out_dir, "config.json"), dtype)
-        with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:
-            json.dump({"files": total_files, "dtype": str(dtype)}, f)
+        write_json_atomic(os.path.join(out_dir, EXPORT_MARKER), {"files": total_files, "dtype": str(dtype)})
     barrier()
 
 
@@ -138,6 +139,4 @@ def _record_dtype(config_path: str, dtype: torch.dtype) -> None:
         return
     for k in keys:
         config[k] = name
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tsdkd.models.errors import ModelError
+from megatron_tsdkd.runtime.atomic_files import write_text_atomic
 from megatron_tsdkd.runtime.collectives import barrier
 
 MODEL_KEY = "model"
@@ -29,14 +30,16 @@ def model_sharded_state_dict(model) -> dict:
 
 
 def copy_hf_meta(src_dir: str, dst_dir: str) -> list[str]:
-    """Copy every top-level non-weight file (config, generation config, tokenizer, chat template, license...)."""
+    """Copy every top-level non-weight file (config, generation config, tokenizer, chat template, license...).
+    Contents only: the copies get the umask's mode, not the source's (a private source folder must not make a
+    team's checkpoint or export unreadable)."""
     os.makedirs(dst_dir, exist_ok=True)
     copied = []
     for name in sorted(os.listdir(src_dir)):
         path = os.path.join(src_dir, name)
         if not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES:
             continue
-        shutil.copy2(path, os.path.join(dst_dir, name))
+        shutil.copyfile(path, os.path.join(dst_dir, name))
         copied.append(name)
     return copied
 
@@ -45,7 +48,13 @@ def is_mcore_checkpoint(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "metadata.json"))
 
 
-LATEST_MARKER = "latest"
+LATEST_MARKER = "latest"   # in a run's checkpoint folder: the name of its newest COMPLETE checkpoint (both engines)
+
+
+def write_latest(root: str, name: str) -> None:
+    """Point a run's ``latest`` marker at its checkpoint ``name`` (the one writer of that marker; atomic). Call it
+    only once every rank's part of that checkpoint is on disk."""
+    write_text_atomic(os.path.join(root, LATEST_MARKER), name)
 
 
 def read_latest(root: str) -> Optional[str]:

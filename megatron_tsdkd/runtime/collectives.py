@@ -50,17 +50,49 @@ def group_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def _packed(values: Values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a new 1-D tensor of ``dtype`` on ``device``; a tensor argument is left unchanged. A sequence may
+    mix numbers and 0-d tensors (e.g. a step's host timings and its device loss sums): the numbers go over in one
+    host-to-device copy, the tensors are stacked where they live; nothing is read back to the host."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device=device, dtype=dtype, copy=True)
+    values = list(values)
+    held = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if not held:
+        return torch.tensor(values, dtype=dtype, device=device)
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    numbers = [i for i in range(len(values)) if not isinstance(values[i], torch.Tensor)]
+    if numbers:
+        out[numbers] = torch.tensor([values[i] for i in numbers], dtype=dtype, device=device)
+    out[held] = torch.stack([values[i].detach().reshape(()).to(dtype) for i in held]).to(device=device)
+    return out
+
+
 def all_reduce_values(values: Values, op=dist.ReduceOp.SUM, group=None,
                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``values`` (numbers, or a tensor that is left unchanged) reduced over ``group``, as a new tensor of ``dtype``
-    on ``group_device(group)``. Reading it (``.tolist()``, ``.item()``) is a host sync on GPU: do it once."""
-    device = group_device(group)
-    if isinstance(values, torch.Tensor):
-        out = values.detach().to(device=device, dtype=dtype, copy=True)
-    else:
-        out = torch.tensor(list(values), dtype=dtype, device=device)
+    """``values`` (numbers and 0-d tensors, or a tensor that is left unchanged) reduced over ``group``, as a new
+    tensor of ``dtype`` on ``group_device(group)``. Reading it (``.tolist()``, ``.item()``) is a host sync on GPU:
+    do it once."""
+    out = _packed(values, group_device(group), dtype)
     if _initialized():
         dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def broadcast_values(values: Optional[Values], count: int, src: int, group=None,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Global rank ``src``'s ``count`` values (as ``all_reduce_values`` takes them; ignored elsewhere, None is
+    fine) on every rank of ``group``, as a new tensor of ``dtype`` on ``group_device(group)``: a tensor broadcast,
+    so the receivers must know ``count`` (e.g. from metric names every rank knows), unlike ``broadcast_object``."""
+    device = group_device(group)
+    if not _initialized() or dist.get_rank() == src:
+        out = _packed(values, device, dtype)
+        if out.numel() != count:
+            raise ValueError(f"broadcast_values: {out.numel()} values from rank {src}, but {count} announced")
+    else:
+        out = torch.empty(count, dtype=dtype, device=device)
+    if _initialized():
+        dist.broadcast(out, src=src, group=group)
     return out
 
 

@@ -16,8 +16,9 @@ How, and why this way rather than a watchdog thread polling ``os.getppid()``:
   the checkpoints: a save in progress is left as ``step_N.partial`` (never picked up), ``latest`` still names the
   previous complete checkpoint (training/checkpoint.py), and the next run resumes from there.
 * The kernel ties the death signal to the parent *thread* that forked us; torchrun starts its workers from its main
-  thread, whose end is torchrun's end, so that caveat does not bite here. Our own children do not inherit it (the
-  checkpoint writers that dist_checkpointing forks are waited for by this process).
+  thread, whose end is torchrun's end, so that caveat does not bite here. Our own children do not inherit it: the
+  process that writes an asynchronous checkpoint arms it for itself (training/checkpoint.py), so a killed trainer
+  does not leave it writing on (the file writers it forked finish the file in hand, into ``step_N.partial``).
 * A parent that dies between reading ``os.getppid()`` and the prctl call is caught by reading it again after
   arming. One that died earlier (while the worker was still importing, before the trainer arms this) cannot be told
   from a legitimate parent (torchrun may well be PID 1 in a container), so it is not guessed at; such a worker then
@@ -41,6 +42,15 @@ import threading
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 1.0
 _armed = False
+
+
+def _disarmed_in_child() -> None:
+    """A forked child is not armed: the kernel clears the death signal on fork, and the watch thread stays behind."""
+    global _armed
+    _armed = False
+
+
+os.register_at_fork(after_in_child=_disarmed_in_child)
 
 
 def under_elastic_agent() -> bool:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from megatron_tsdkd.config import TrainConfig
-from megatron_tsdkd.data import DistributedBatchSampler
+from megatron_tsdkd.data import DistributedBatchSampler, training_sampler
 from megatron_tsdkd.methods import DistillationMethod, build_method
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.source import load_model
@@ -41,9 +41,34 @@ def _finalize_student_grads(student, _model_chunks, *args, **kwargs):
     finalize_model_grads([student], *args, **kwargs)
 
 
+def ddp_config(cfg: TrainConfig):
+    """megatron DDP settings from ``optimizer.*``. With ``overlap_grad_reduce`` each bucket's reduce(-scatter)
+    starts from a backward hook as soon as the last micro-batch (the schedule runs the others under
+    ``config.no_sync_func``) has filled it, and ``finalize_model_grads`` waits for them. With
+    ``overlap_param_gather`` (distributed optimizer only) the optimizer step updates this rank's shard and the
+    all-gather of the rest runs bucket by bucket from forward pre-hooks on the student's modules, in the next
+    forward (a rollout's or the schedule's): whoever reads the weights otherwise calls ``sync_student_params``."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    o = cfg.optimizer
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=o.use_distributed_optimizer,
+        overlap_grad_reduce=o.overlap_grad_reduce,
+        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer,
+        bucket_size=o.bucket_size)
+
+
+def sync_student_params(student) -> None:
+    """Collective over the data-parallel group: make every weight of this rank's student current. Needed before
+    reading the weights outside a forward (checkpoint save, export) when ``overlap_param_gather`` leaves the
+    all-gather of the last step's update to the next forward's pre-hooks; a no-op otherwise."""
+    if getattr(student, "use_forward_hook", False):
+        student.start_param_sync(force_sync=True)
+
+
 def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> TrainingParts:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
 
     from megatron_tsdkd.runtime import ParallelLayout, init_distributed
     from megatron_tsdkd.training.optim import build_optimizer, build_scheduler
@@ -67,18 +92,18 @@ def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> Trainin
                          recompute=cfg.models.recompute, calculate_per_token_loss=True)
     teacher = (load_model(inputs.teacher, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention)
                if inputs.teacher else None)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
-    student = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=student)
+    student = DistributedDataParallel(config=student.config, ddp_config=ddp_config(cfg), module=student)
     stage = CoLocatedStage(student, teacher)
-    stage.config.no_sync_func = student.no_sync
+    stage.config.no_sync_func = student.no_sync   # all micro-batches but the last accumulate without reducing
     # the schedule hands its model list (the co-located stage); grads live in the student's DDP buffers
     stage.config.finalize_model_grads_func = partial(_finalize_student_grads, student)
 
-    sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
-                                      dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    sampler = training_sampler(inputs.train, cfg.data, b.global_size // cfg.rollout.num_samples, dp_rank, dp_size,
+                               cfg.seed)
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * sampler.batches_per_epoch
     optimizer = build_optimizer(cfg, [student], dtype)
+    # the schedule multiplies each micro-batch's loss by the loss scale before its backward (fp16; 1 otherwise)
+    stage.config.grad_scale_func = optimizer.scale_loss
     return TrainingParts(inputs, student, teacher, stage, build_method(cfg.method), sampler, optimizer,
                          build_scheduler(cfg, optimizer, total_steps), total_steps,
                          b.global_size // (dp_size * b.micro_size), preemption, inputs.memory_plan)

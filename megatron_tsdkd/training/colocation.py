@@ -1,6 +1,7 @@
 """Teacher and student co-located on the same ranks, one pipeline stage each, travelling together.
 
-megatron-core's pipeline schedules move ONE activation tensor of shape [seq, micro_batch, hidden] between stages.
+megatron-core's pipeline schedules move ONE activation tensor of shape [seq, micro_batch, hidden] between stages
+(seq may change from one micro-batch to the next: variable sequence lengths).
 ``CoLocatedStage`` runs the frozen teacher's stage (no grad) and then the student's stage on the same input, and
 concatenates their hidden states along the hidden dimension, so the unmodified 1F1B schedule carries both:
 [seq, b, h_teacher + h_student]. On the last stage it returns both models' vocab-sharded logits instead. The
@@ -34,6 +35,10 @@ class CoLocatedStage(torch.nn.Module):
         # The schedule sizes its p2p buffers from config.hidden_size: give it the combined width.
         self.config = copy.copy(s_cfg)
         self.config.hidden_size = self.student_hidden + self.teacher_hidden
+        # Each micro-batch is padded to its own longest row (data/collate.py micro_batches): megatron-core's p2p
+        # then sends every activation's shape ahead of it (p2p_communication.py _communicate_shapes; a 3-integer
+        # exchange per transfer, the one host sync the schedule needs for it). Inert without pipeline parallelism.
+        self.config.variable_seq_lengths = True
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():

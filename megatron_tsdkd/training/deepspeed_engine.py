@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from megatron_tsdkd.config import TrainConfig
 from megatron_tsdkd.runtime.timing import PhaseClock
-from megatron_tsdkd.data import DistributedBatchSampler, micro_batches
+from megatron_tsdkd.data import micro_batches, training_sampler
 from megatron_tsdkd.methods import build_method
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.runtime.seeds import derive_seed
@@ -51,9 +51,6 @@ from megatron_tsdkd.training.loop import StepResult, TrainingLoop
 from megatron_tsdkd.training.preemption import PreemptionFlag, job_signals_deferred
 
 log = logging.getLogger("megatron_tsdkd.train")
-
-LATEST = "latest"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # pure pieces: the schedule, the DeepSpeed config, the parameter groups
@@ -170,9 +167,8 @@ class DeepSpeedTrainer(TrainingLoop):
             raise ValueError(f"batch.global_size ({b.global_size}) must be a multiple of data-parallel size "
                              f"({self.dp_size}) x batch.micro_size ({b.micro_size})")
         self.num_microbatches = b.global_size // (self.dp_size * b.micro_size)
-        self.sampler = DistributedBatchSampler(len(inputs.train), global_batch_size=b.global_size // cfg.rollout.num_samples,
-                                               dp_rank=self.rank, dp_size=self.dp_size, seed=cfg.seed,
-                                               shuffle=cfg.data.shuffle)
+        self.sampler = training_sampler(inputs.train, cfg.data, b.global_size // cfg.rollout.num_samples, self.rank,
+                                        self.dp_size, cfg.seed)
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.sampler.batches_per_epoch
         self.method = build_method(cfg.method)
         self.loss_names = ("total",) + self.method.logs
@@ -210,22 +206,24 @@ class DeepSpeedTrainer(TrainingLoop):
 
     def save_checkpoint(self) -> str:
         from megatron_tsdkd.models import HF_META_DIR, copy_hf_meta
-        from megatron_tsdkd.runtime.collectives import barrier
+        from megatron_tsdkd.models.mcore_checkpoint import write_latest
         from megatron_tsdkd.runtime.atomic_files import write_text_atomic
+        from megatron_tsdkd.runtime.collectives import barrier
         from megatron_tsdkd.training.checkpoint import _prune, step_dir_name
         from megatron_tsdkd.training.run_config import CONFIG_FILE, config_yaml
 
         c = self.cfg.checkpoint
         tag = step_dir_name(self.step)
         folder = os.path.join(c.dir, tag)
-        state = {"trainer": {"step": self.step, "seed": self.cfg.seed, "sampler": self.sampler.state_dict()}}
+        state = {"trainer": {"step": self.step, "seed": self.cfg.seed, "sampler": self.sampler.state_dict(),
+                             "method": self.method.state_dict()}}   # e.g. TSD-KD's term balance (same on every rank)
         with job_signals_deferred():
             self.engine.save_checkpoint(c.dir, tag=tag, client_state=state, save_latest=False)
         barrier()
         if self.rank == 0:
             copy_hf_meta(self.inputs.student.meta_dir, os.path.join(folder, HF_META_DIR))
             write_text_atomic(os.path.join(folder, CONFIG_FILE), config_yaml(self.cfg))
-            write_text_atomic(os.path.join(c.dir, LATEST), tag)   # every rank's shard is on disk
+            write_latest(c.dir, tag)   # every rank's shard is on disk
             _prune(c.dir, c.keep_last)
         barrier()
         return folder
@@ -247,6 +245,7 @@ class DeepSpeedTrainer(TrainingLoop):
         state = client["trainer"]
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.method.load_state_dict(state.get("method", {}))
         if self.rank == 0:
             log.warning("resumed from %s at step %d", folder, self.step)
         return True
@@ -268,6 +267,7 @@ class DeepSpeedTrainer(TrainingLoop):
 
         from megatron_tsdkd.models import copy_hf_meta
         from megatron_tsdkd.models.hf_export import EXPORT_MARKER, written_by_export
+        from megatron_tsdkd.runtime.atomic_files import honour_umask
         from megatron_tsdkd.runtime.collectives import barrier
 
         state = self.gathered_state_dict()
@@ -276,6 +276,7 @@ class DeepSpeedTrainer(TrainingLoop):
                 shutil.rmtree(out_dir)
             copy_hf_meta(self.inputs.student.meta_dir, out_dir)   # tokenizer, generation config
             self.student.save_pretrained(out_dir, state_dict=state)   # config.json of the trained model
+            honour_umask(out_dir)   # safetensors writes 0600 files
             with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:
                 json.dump({"engine": "deepspeed", "dtype": str(next(iter(state.values())).dtype)}, f)
         barrier()
@@ -340,8 +341,8 @@ class DeepSpeedTrainer(TrainingLoop):
             group["lr"] = lr
         clock = PhaseClock()   # CUDA events on GPU, wall time on CPU: no host sync inside the step
         weighted, diagnostics = None, []
-        logged = (self.step + 1) % self.cfg.logging.interval == 0 or self.step + 1 >= self.total_steps
-        self.method.logging_step = logged   # the method computes its diagnostics on logged steps only
+        diagnosed = self.cfg.logging.diagnoses(self.step + 1, self.total_steps)
+        self.method.logging_step = diagnosed   # the method computes its diagnostics on diagnostic steps only
         for batch, count in zip(batches, counts):
             teacher_logits = None
             if self.teacher is not None:
@@ -349,8 +350,9 @@ class DeepSpeedTrainer(TrainingLoop):
                     teacher_logits = self._logits(self.teacher, batch)
             with clock.phase("student_forward"):
                 student_logits = self._logits(self.engine, batch)
-                if logged:   # DeepSpeed hooks its outputs to divide gradients by GAS outside engine.backward: the
-                    student_logits = student_logits.view_as(student_logits)   # diagnostics' autograd.grad stops here
+                # DeepSpeed hooks its outputs to divide gradients by GAS outside engine.backward: the term
+                # gradients (diagnostics, the term balance) take autograd.grad up to this view, before that hook
+                student_logits = student_logits.view_as(student_logits)
                 if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
                     width = min(teacher_logits.shape[-1], student_logits.shape[-1])   # both >= the real vocabulary
                     teacher_logits, student_logits = teacher_logits[..., :width], student_logits[..., :width]
@@ -362,11 +364,11 @@ class DeepSpeedTrainer(TrainingLoop):
                 self.engine.step()   # DeepSpeed steps the optimizer (clipping first) at the accumulation boundary
             values = torch.stack([result.loss.detach().float()] + [result.metrics[k].float() for k in self.method.logs])
             weighted = values * count if weighted is None else weighted + values * count
-            if logged and self.method.diagnostics:
+            if diagnosed and self.method.diagnostics:
                 diagnostics.append(torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics]))
         t5 = time.perf_counter()
         self.step += 1
-        if self.step % self.cfg.logging.interval and self.step < self.total_steps:
+        if not self.cfg.logging.logs(self.step, self.total_steps):
             return StepResult(self.step, None)
         grad_norm = self.engine.get_global_grad_norm()
         local = dict(zip((f"loss/{k}" for k in self.loss_names), weighted.tolist()))

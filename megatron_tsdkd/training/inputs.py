@@ -62,12 +62,17 @@ def _source(key: str, model_cfg, cfg: TrainConfig) -> ModelSource:
 def _dataset(key: str, path: str, chat: ChatTemplateTokenizer, cfg: TrainConfig, mode: str) -> ChatDataset:
     from megatron_tsdkd.data import DataFormatError, load_chat_dataset
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise PreflightError(f"{key}: {path} does not exist")
-    try:
+    from megatron_tsdkd.data.token_cache import resolve_cache_dir
+
+    cache_dir = resolve_cache_dir(cfg.data.cache_dir, cfg.logging.dir)
+    _usable_folder("data.cache_dir", cache_dir or "")
+    try:   # tokenised once into data.cache_dir (one process builds, the others wait), then memory-mapped
         return load_chat_dataset(path, chat.tokenizer, mode=mode, max_length=cfg.data.max_length,
-                                 max_prompt_length=cfg.data.max_prompt_length)
-    except (DataFormatError, ValueError) as error:
+                                 max_prompt_length=cfg.data.max_prompt_length, fields=cfg.data.fields,
+                                 cache_dir=cache_dir)
+    except (DataFormatError, ValueError, OSError) as error:
         raise PreflightError(f"{key}: {error}") from None
 
 
@@ -105,6 +110,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     except ModelError as error:
         raise PreflightError(f"models: {error}") from None
     mode = "on_policy" if cfg.rollout.on_policy_prob >= 1.0 else "off_policy"  # off-policy steps need responses
+    _check_outputs(cfg)   # before the data: its cache lives beside the outputs, and tokenising is the slow part
     train = _dataset("data.train", cfg.data.train, chat, cfg, mode)
     if cfg.method.name == "kpod":   # its per-epoch weighted samples, from the prepared artefacts
         train = _kpod_dataset(train, cfg)
@@ -113,21 +119,17 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     if unanswered:
         raise PreflightError(f"data.eval: {unanswered} has no \"answer\"; every evaluation problem needs one")
     _check_world(cfg)
-    _check_outputs(cfg)
     _check_resume(cfg)
     return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), _memory_plan(cfg, student, teacher))
 
 
 def _memory_plan(cfg: TrainConfig, student: ModelSource, teacher: Optional[ModelSource]):
     """Refuses (MemoryPlanError: a sentence, then the table) a layout that cannot fit, before anything starts."""
-    import torch
-
+    from megatron_tsdkd.runtime.device_choices import device_memory_bytes
     from megatron_tsdkd.training.memory_plan import check_memory_plan
 
-    gpu = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else None
     return check_memory_plan(cfg, launcher_world_size(), student.hf_config,
-                             teacher.hf_config if teacher is not None else None,
-                             torch.cuda.get_device_properties(gpu).total_memory if gpu is not None else None)
+                             teacher.hf_config if teacher is not None else None, device_memory_bytes())
 
 
 def launcher_world_size() -> int:

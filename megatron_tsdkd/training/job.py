@@ -15,6 +15,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_tsdkd.config import TrainConfig
 from megatron_tsdkd.training import checkpoint
+from megatron_tsdkd.training.build import sync_student_params
 from megatron_tsdkd.training.inputs import RunInputs
 from megatron_tsdkd.training.metrics import log_scalars, log_startup_summary
 from megatron_tsdkd.training.trainer import Trainer, build_trainer
@@ -56,6 +57,7 @@ def run_job(cfg: TrainConfig, inputs: RunInputs) -> Trainer:
     if cfg.checkpoint.export_hf:
         from megatron_tsdkd.models import export_hf
 
+        sync_student_params(trainer.student)   # overlap_param_gather: the last step's weights (training/build.py)
         export_hf(unwrap_model(trainer.student), cfg.checkpoint.export_hf, inputs.student.meta_dir)
         _say(f"exported the student as a Hugging Face model to {cfg.checkpoint.export_hf}")
     if inputs.eval_examples:

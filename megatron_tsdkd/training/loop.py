@@ -1,7 +1,9 @@
 """The outer training loop both engines share (training/trainer.py, training/deepspeed_engine.py): resume, the
 start-up summary, the steps and their metrics, periodic saves, the save a preemption signal asks for, the final
 save. One place for the rules a user relies on: a requeued job resumes where it stopped, a signal costs at most the
-step in flight, a finished job that is requeued saves nothing new.
+step in flight, a finished job that is requeued saves nothing new, and no checkpoint write is left unfinished when
+the loop returns (an asynchronous write is finalised after the step it ends in, before the next save, after the save
+a signal asks for, and at the end: training/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ class StepResult:
 class TrainingLoop:
     """Mixin. The engine provides ``cfg``, ``parts`` (inputs, memory_plan, total_steps, num_microbatches),
     ``total_steps``, ``step``, ``preemption`` (a PreemptionFlag), ``stopped_by_signal`` and ``maybe_resume()``,
-    ``train_step() -> StepResult``, ``save_checkpoint() -> str``."""
+    ``train_step() -> StepResult``, ``save_checkpoint() -> str`` and, if its saves may still be writing when they
+    return, ``finalize_checkpoint(blocking)``."""
+
+    def finalize_checkpoint(self, blocking: bool) -> None:
+        """Collective: publish a checkpoint write that has ended (``blocking``: wait for it). Engines whose
+        ``save_checkpoint`` returns a finished checkpoint have nothing to do."""
 
     def log_summary(self) -> None:
         """Rank 0: layout, memory plan, steps, data, config (an engine may add its own lines)."""
@@ -33,8 +40,8 @@ class TrainingLoop:
 
     def train(self, stop_after: Optional[int] = None, summary: bool = True) -> list[StepResult]:
         """Run to the last step. ``stop_after`` ends the loop after that step WITHOUT saving, as if the job were
-        killed (tests use it to prove resume exactness). ``summary``: log the start-up summary on rank 0 (the job
-        logs it itself when it evaluates first)."""
+        killed right after it, with the saves begun before then finished (tests use it to prove resume exactness).
+        ``summary``: log the start-up summary on rank 0 (the job logs it itself when it evaluates first)."""
         self.maybe_resume()
         resumed_at, flag, interval = self.step, self.preemption, self.cfg.checkpoint.interval
         if summary:
@@ -50,11 +57,13 @@ class TrainingLoop:
                     logger.log(self.step, result.metrics)
                 if stop_after is not None and self.step >= stop_after:
                     break
+                self.finalize_checkpoint(blocking=False)   # a write that ended moves ``latest`` now
                 periodic = bool(interval) and self.step % interval == 0 and self.step < self.total_steps
                 path = self.save_checkpoint() if periodic else None
                 if flag.any_rank_received():   # also one that came during that save: it is the save it asks for
                     self.stopped_by_signal = True
                     path = path or self.save_checkpoint()
+                    self.finalize_checkpoint(blocking=True)
                     if dist.get_rank() == 0:
                         log.warning("signal received (%s on this rank): saved %s at step %d; stopping",
                                     flag.name, path, self.step)
@@ -62,6 +71,7 @@ class TrainingLoop:
             else:
                 if self.step > resumed_at:  # a job requeued after its last step has nothing new to save
                     self.save_checkpoint()
+            self.finalize_checkpoint(blocking=True)   # (stop_after: the kill comes after the saves made so far)
         finally:
             logger.close()
             flag.restore()

@@ -1,6 +1,6 @@
 """Step metrics: reduced across data-parallel ranks on the last pipeline stage, shown on global rank 0.
 
-What rank 0 shows for each logged step (every ``logging.interval`` steps, and the last one):
+What rank 0 shows for each logged step (every ``logging.interval`` steps, each diagnostic step, and the last one):
 - TensorBoard scalars in ``logging.dir``, always. The writer opens with ``purge_step`` = the first step this run
   will log, so after a resume the steps between the checkpoint and the kill, which are trained again, appear once
   (with the new values): TensorBoard hides every older event at or after that step.
@@ -11,9 +11,13 @@ What rank 0 shows for each logged step (every ``logging.interval`` steps, and th
   one unreadable line of carriage returns, so there the text lines are written whatever ``progress_bar`` says, and
   a terminal never gets both.
 
-- Diagnostics a method reports on logged steps (MethodOutput.diagnostics, e.g. TSD-KD's ``grad_share/*``) are
-  TensorBoard scalars under their own names; ``ShareWatch`` turns the method's ``ShareWarning`` into one warning
-  line when its diagnostic stays below the threshold for N consecutive logged steps.
+- Diagnostics a method reports (MethodOutput.diagnostics, e.g. TSD-KD's ``grad_share/*``: extra backward passes)
+  come every ``logging.diagnostics_interval`` steps and at the last step (config.LoggingConfig.diagnoses; such a
+  step is always logged), as TensorBoard scalars under their own names; ``ShareWatch`` turns the method's
+  ``ShareWarning`` into one warning line when its diagnostic stays below the threshold for N consecutive
+  diagnostic steps.
+- A logged step's metrics reach rank 0 as one packed tensor (``reduce_to_rank0``): one all-reduce over the
+  data-parallel group on the last stage, one tensor broadcast over the pipeline group; no pickled objects.
 
 ``startup_summary`` is what the trainer logs before its first step and ``tsdkd-train --dry-run`` prints: layout,
 memory plan verdict, steps, data, and the config keys that differ from the defaults (the full resolved YAML at
@@ -23,15 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
-from typing import Optional
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_object
+from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_values
+from megatron_tsdkd.runtime.device_choices import device_kind
 from megatron_tsdkd.training.run_config import flat_config
 
 log = logging.getLogger("megatron_tsdkd.train")
@@ -40,17 +46,24 @@ PHASE_ORDER = ("time/rollout", "time/teacher_forward", "time/student_forward", "
                "time/optimizer")   # the order of the step; the text line lists them so
 
 
-def reduce_to_rank0(local: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-    """Collective. ``local`` is this rank's metrics on the last pipeline stage (None elsewhere). Means over the
-    data-parallel group, then handed from the last stage to the first (where global rank 0 lives)."""
-    names = sorted(local) if local else None
+def reduce_to_rank0(local: Optional[Mapping[str, Union[float, torch.Tensor]]],
+                    names: Optional[Sequence[str]] = None) -> Optional[dict[str, float]]:
+    """Collective. ``local``: this rank's metrics on the last pipeline stage (None elsewhere), numbers or 0-d
+    device tensors; ``names``: their names in one order that every rank knows (from the config and the method),
+    needed where a rank has no ``local`` (default: ``local``'s keys). The values travel as ONE packed tensor: one
+    all-reduce for the mean over the data-parallel group, then (PP > 1) one tensor broadcast from the last stage
+    to the first, where global rank 0 lives. Only rank 0 reads them back (one host sync); it gets the dict."""
+    names = list(local) if names is None else list(names)
+    values = None
     if ps.is_pipeline_last_stage():
-        values = all_reduce_values([float(local[k]) for k in names], group=ps.get_data_parallel_group())
-        local = dict(zip(names, (values / ps.get_data_parallel_world_size()).tolist()))
+        if len(local) != len(names):
+            raise ValueError(f"reduce_to_rank0: metrics {sorted(local)} differ from the names {sorted(names)}")
+        values = all_reduce_values([local[name] for name in names], group=ps.get_data_parallel_group())
+        values /= ps.get_data_parallel_world_size()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        local = broadcast_object(local, src=ps.get_pipeline_model_parallel_last_rank(),
-                                 group=ps.get_pipeline_model_parallel_group())
-    return local if dist.get_rank() == 0 else None
+        values = broadcast_values(values, len(names), src=ps.get_pipeline_model_parallel_last_rank(),
+                                  group=ps.get_pipeline_model_parallel_group())
+    return dict(zip(names, values.tolist())) if dist.get_rank() == 0 else None
 
 
 def _rank() -> int:
@@ -71,12 +84,10 @@ def format_duration(seconds: float) -> str:
 
 
 def peak_memory() -> str:
-    """This process's peak: memory allocated on its GPU, or its resident set on CPU."""
-    if torch.cuda.is_available():
-        return f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB"
-    import resource
+    """This process's peak memory (what is measured depends on the device: runtime/device_choices.py)."""
+    from megatron_tsdkd.runtime.device_choices import peak_memory as measured
 
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB:.2f} GiB"  # KiB on Linux
+    return measured()
 
 
 def step_line(step: int, total: int, eta_seconds: Optional[float], metrics: dict[str, float], memory: str) -> str:
@@ -124,10 +135,8 @@ class MetricsLogger:
         self.started = time.monotonic()
         if not self.active:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         # hides events of an earlier attempt at the steps this run logs again (see the module docstring)
-        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1)
+        self.writer = summary_writer(log_dir, purge_step=start_step + 1)
         stream = sys.stderr if stream is None else stream
         if shows_progress_bar(progress_bar, stream):
             from tqdm import tqdm
@@ -163,8 +172,9 @@ class MetricsLogger:
 
 class ShareWatch:
     """One warning line on rank 0 (where the metrics are) when ``rule.metric`` has stayed below ``rule.threshold``
-    for ``rule.patience`` consecutive logged steps; warned once per such stretch (re-armed when it recovers).
-    ``rule`` None (the method asks for nothing) or a metric the step did not log: nothing happens."""
+    for ``rule.patience`` consecutive steps that report it (the diagnostic steps: every
+    ``logging.diagnostics_interval`` steps); warned once per such stretch (re-armed when it recovers).
+    ``rule`` None (the method asks for nothing) or a step without that metric: nothing happens, the count stays."""
 
     def __init__(self, rule):
         self.rule, self.below = rule, 0
@@ -181,18 +191,35 @@ class ShareWatch:
         others = ", ".join(f"{name} {v:.3g}" for name, v in sorted(metrics.items())
                            if name.startswith(group + "/") and name != self.rule.metric)
         line = (f"step {step}: {self.rule.metric} = {value:.3g} has stayed below {self.rule.threshold:g} for "
-                f"{self.rule.patience} logged steps ({others}): {self.rule.advice}")
+                f"{self.rule.patience} diagnostic steps ({others}): {self.rule.advice}")
         log.warning("%s", line)
         return line
+
+
+def summary_writer(log_dir: str, **kwargs):
+    """A TensorBoard writer whose event file sorts after every event file already in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second it was created in
+    (``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``, compared as text). A file opened in the same second
+    as the previous one (a run resumed within a second, as tests do) may sort first, and TensorBoard then drops its
+    steps as orphaned by the older file's. Waiting for the next second, in that case only, keeps the order."""
+    import glob
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    stamps = [int(name.split(".")[3]) for name in map(os.path.basename, glob.glob(
+        os.path.join(glob.escape(log_dir), "events.out.tfevents.*"))) if name.split(".")[3].isdigit()]
+    newest = max(stamps, default=0)
+    while int(time.time()) <= newest:   # at most one second, and only in that case
+        time.sleep(0.05)
+    return SummaryWriter(log_dir=log_dir, **kwargs)
 
 
 def log_scalars(log_dir: str, step: int, values: dict[str, float]) -> None:
     """A few scalars outside the training loop (the job's accuracy before and after), on global rank 0."""
     if _rank() != 0:
         return
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=log_dir) as writer:
+    with summary_writer(log_dir) as writer:
         for name, value in values.items():
             writer.add_scalar(name, value, step)
 
@@ -230,7 +257,7 @@ def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num
         f"run: method {cfg.method.name}, student {cfg.models.student.path}"
         + (f", teacher {teacher}" if teacher else ", no teacher")
         + f", {cfg.precision.dtype}, on-policy probability {cfg.rollout.on_policy_prob:g}"
-        + f", on {'GPU' if torch.cuda.is_available() else 'CPU'}",
+        + f", on {device_kind()}",
         f"layout: TP={tp} PP={pp} DP={dp}, world size {world_size}; {num_microbatches} micro-batch"
         f"{'es' if num_microbatches != 1 else ''} of {b.micro_size} sequences per step on each data-parallel rank "
         f"(global batch {b.global_size})",

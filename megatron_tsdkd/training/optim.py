@@ -7,14 +7,24 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_tsdkd.config import TrainConfig
 
+MIN_LOSS_SCALE = 2.0 ** -10   # fp16's dynamic loss scale never falls below this
+
 
 def build_optimizer(cfg: TrainConfig, model_chunks: list, params_dtype: torch.dtype):
+    """megatron-core's optimizer over ``model_chunks`` (DDP-wrapped). fp16 gets megatron's dynamic loss scaler;
+    the losses reach it only through ``config.grad_scale_func = optimizer.scale_loss`` on the schedule's model
+    config (training/build.py), which scales each micro-batch's loss before its backward. Without that the
+    scaler would divide gradients that were never multiplied, and the updates would vanish."""
     o = cfg.optimizer
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16, params_dtype=params_dtype,
         use_distributed_optimizer=o.use_distributed_optimizer,
+        # fp16 only. The floor is below megatron's 1.0: a token-sum loss over a long micro-batch can overflow fp16
+        # even unscaled, and a floor of 1 would then skip every step.
+        initial_loss_scale=o.loss_scale_initial, loss_scale_window=o.loss_scale_window,
+        hysteresis=o.loss_scale_hysteresis, min_loss_scale=MIN_LOSS_SCALE,
     )
     return get_megatron_optimizer(config, model_chunks)
 

@@ -28,7 +28,9 @@ def job_signals_deferred():
 
     Slurm signals EVERY process of a job step, and torchrun signals each worker's whole process group: the
     checkpoint writer processes that dist_checkpointing forks during a save get the signal too. Processes forked
-    inside this block inherit the blocked mask, so they never see it; the trainer receives it right after the block.
+    inside this block inherit the blocked mask, so they never see it, and neither do the processes they fork (an
+    asynchronous save's writing process outlives the block and forks its file writers later); the trainer receives
+    it right after the block.
     (A ``spawn``-ed helper would NOT be protected: multiprocessing's resource tracker, started by the first spawn,
     unblocks SIGINT/SIGTERM in the calling thread. training/checkpoint.py therefore keeps every save free of
     spawned helpers.)"""

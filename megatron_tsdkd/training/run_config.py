@@ -13,10 +13,13 @@ from typing import Optional
 import yaml
 
 from megatron_tsdkd.config import TrainConfig, to_dict
+from megatron_tsdkd.methods import method_class
 
 CONFIG_FILE = "config.yaml"
-HARMLESS = ("logging.", "checkpoint.", "memory.", "data.eval", "models.recompute", "models.student.path",
-            "models.student.format")   # on resume the student's weights come from the checkpoint
+HARMLESS = ("logging.", "checkpoint.", "memory.", "data.eval", "data.cache_dir", "models.recompute", "models.student.path",
+            "models.student.format",   # on resume the student's weights come from the checkpoint
+            "optimizer.overlap_", "optimizer.bucket_size",   # when gradients/weights travel, not their values
+            "rollout.stop_check_interval")   # how often decoding looks for the end, not what it decodes
 
 
 def config_yaml(cfg: TrainConfig) -> str:
@@ -34,9 +37,29 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _defaults(current: dict) -> dict:
+    """The default config for ``current``'s method: the value a key had before it existed."""
+    return to_dict(TrainConfig(method=method_class(current["method"]["name"]).Config()))
+
+
+def _as_stored(tree: dict) -> dict:
+    """``tree`` as a checkpoint's config.yaml gives it back (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(tree, sort_keys=False))
+
+
+def _flat_pair(stored: dict, current: dict) -> tuple[dict, dict]:
+    """Both configs flat. A key the stored config lacks (one added to the framework after the checkpoint was
+    written) stands there at its default, so upgrading the framework between a save and its resume changes
+    nothing unless a new setting is set away from its default."""
+    a, b = flat_config(stored), flat_config(_as_stored(current))
+    defaults = flat_config(_as_stored(_defaults(current)))
+    a.update({k: defaults[k] for k in b.keys() - a.keys() if k in defaults})
+    return a, b
+
+
 def config_changes(stored: dict, current: dict) -> tuple[list[str], list[str]]:
     """(keys whose change breaks exactness, harmless changed keys), each sorted."""
-    a, b = flat_config(stored), flat_config(current)
+    a, b = _flat_pair(stored, current)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     harmless = [k for k in changed if k.startswith(HARMLESS)]
     return [k for k in changed if k not in harmless], harmless
@@ -51,5 +74,5 @@ def stored_config(checkpoint_folder: str) -> Optional[dict]:
 
 
 def describe(keys: list[str], stored: dict, current: dict) -> str:
-    a, b = flat_config(stored), flat_config(current)
+    a, b = _flat_pair(stored, current)
     return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys)

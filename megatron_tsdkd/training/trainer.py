@@ -4,8 +4,9 @@ One optimizer step, on every rank:
   1. take this data-parallel rank's share of the global batch of prompts (resumable sampler);
   2. with probability lambda (drawn from (seed, step), identical on all ranks) the student samples the responses
      with its KV cache under TP/PP; otherwise the data set's responses are used (off-policy);
-  3. megatron-core's pipeline schedule runs the co-located stage over the micro-batches; the last stage computes
-     the method loss on both models' vocab-sharded logits;
+  3. megatron-core's pipeline schedule runs the co-located stage over the micro-batches (each padded to its own
+     longest row: variable sequence lengths, training/colocation.py); the last stage computes the method loss on
+     both models' vocab-sharded logits;
   4. megatron-core's (distributed) optimizer steps; the scheduler advances; metrics go to rank 0.
 
 Loss normalisation is per token over the optimizer step: each micro-batch's loss (a mean over its response tokens,
@@ -19,6 +20,7 @@ weighted sum of the logged terms.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -37,9 +39,10 @@ from megatron_tsdkd.generation import generate
 from megatron_tsdkd.generation.co_generation import co_generate
 from megatron_tsdkd.models import MODEL_KEY
 from megatron_tsdkd.runtime import device
+from megatron_tsdkd.runtime.collectives import broadcast_object
 from megatron_tsdkd.runtime.seeds import derive_seed
 from megatron_tsdkd.training import checkpoint
-from megatron_tsdkd.training.build import TrainingParts, build_parts
+from megatron_tsdkd.training.build import TrainingParts, build_parts, sync_student_params
 from megatron_tsdkd.training.loop import StepResult, TrainingLoop
 from megatron_tsdkd.training.metrics import ShareWatch, reduce_to_rank0
 from megatron_tsdkd.training.optim import adam_step, materialise_optimizer_state, set_adam_step
@@ -78,13 +81,26 @@ class Trainer(TrainingLoop):
             MODEL_KEY: model_sd,
             "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_FORMAT),
             "trainer": {"step": self.step, "adam_step": adam_step(self.optimizer), "seed": self.cfg.seed,
-                        "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict()},
+                        "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                        # the method's state (TSD-KD's term balance) lives where the loss runs, the last stage
+                        "method": self.method.state_dict() if is_loading else broadcast_object(
+                            self.method.state_dict(), ps.get_pipeline_model_parallel_last_rank(),
+                            ps.get_pipeline_model_parallel_group())},
         }
 
-    def save_checkpoint(self) -> str:
+    @functools.cached_property
+    def checkpoints(self) -> checkpoint.CheckpointWriter:
         c = self.cfg.checkpoint
-        return checkpoint.save(c.dir, self.step, self._sharded_state(is_loading=False),
-                               self.parts.inputs.student.meta_dir, c.keep_last, {CONFIG_FILE: config_yaml(self.cfg)})
+        return checkpoint.CheckpointWriter(c.dir, c.keep_last, c.async_save,
+                                           ps.get_data_parallel_group(with_context_parallel=True))
+
+    def save_checkpoint(self) -> str:
+        sync_student_params(self.student)   # overlap_param_gather: the last step's weights (training/build.py)
+        return self.checkpoints.save(self.step, self._sharded_state(is_loading=False),
+                                     self.parts.inputs.student.meta_dir, {CONFIG_FILE: config_yaml(self.cfg)})
+
+    def finalize_checkpoint(self, blocking: bool) -> None:
+        self.checkpoints.finalize(blocking)
 
     def maybe_resume(self) -> bool:
         resume = self.cfg.checkpoint.resume
@@ -93,7 +109,7 @@ class Trainer(TrainingLoop):
         folder = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else resume
         if folder is None:
             return False
-        state = checkpoint.load(folder, self._sharded_state(is_loading=True))
+        state = self.checkpoints.load(folder, self._sharded_state(is_loading=True))
         with torch.no_grad():  # the optimizer copies into (views of) the parameters in place
             unwrap_model(self.student).load_state_dict(state[MODEL_KEY], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -102,6 +118,7 @@ class Trainer(TrainingLoop):
         self.step = int(trainer_state["step"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.sampler.load_state_dict(trainer_state["sampler"])
+        self.method.load_state_dict(trainer_state.get("method", {}))
         if dist.get_rank() == 0:
             log.warning("resumed from %s at step %d", folder, self.step)
         return True
@@ -129,15 +146,20 @@ class Trainer(TrainingLoop):
         return pairs, True, time.perf_counter() - start
 
     def _logged(self, step: int) -> bool:
-        """Whether ``step`` (1-based) logs metrics: every ``logging.interval`` steps, and the last one."""
-        return step % self.cfg.logging.interval == 0 or step >= self.total_steps
+        """Whether ``step`` (1-based) logs metrics: every ``logging.interval`` steps, each diagnostic step, the last."""
+        return self.cfg.logging.logs(step, self.total_steps)
+
+    def _diagnosed(self, step: int) -> bool:
+        """Whether ``step`` (1-based) computes the method's diagnostics: every ``logging.diagnostics_interval``
+        steps, and the last one."""
+        return self.cfg.logging.diagnoses(step, self.total_steps)
 
     def _loss(self, batch: TrainingBatch, output):
         """Loss weighted by the micro-batch's response tokens (see the module docstring), the token count for the
-        schedule, and the weighted values to log (one device tensor: no host sync here); on logged steps also the
-        method's diagnostics (plain per-micro-batch values, not token-weighted)."""
+        schedule, and the weighted values to log (one device tensor: no host sync here); on diagnostic steps also
+        the method's diagnostics (plain per-micro-batch values, not token-weighted)."""
         student_logits, teacher_logits = output
-        self.method.logging_step = self._logged(self.step + 1)   # the step this schedule runs
+        self.method.logging_step = self._diagnosed(self.step + 1)   # the step this schedule runs
         result = self.method.loss(student_logits, teacher_logits, batch, tp_group=self.tp_group,
                                   vocab_size=self.tokens.vocab_size)
         tokens = (batch.loss_mask != 0).sum()   # targets, whatever their (float) weights
@@ -158,8 +180,11 @@ class Trainer(TrainingLoop):
         examples = [train[i] for i in indices]
         pairs, on_policy, rollout_seconds = self._rollout(examples)
         weights = None if on_policy else response_weights(examples)   # float loss weights of off-policy data
+        # each micro-batch padded to its own longest row; seq_len (the longest) only sizes the schedule's first
+        # buffers, the p2p sends each micro-batch's own shape (variable_seq_lengths, training/colocation.py)
         batches, seq_len = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id,
-                                         self.cfg.data.max_length, device(), weights=weights)
+                                         self.cfg.data.max_length, device(), weights=weights,
+                                         sort_by_length=self.cfg.batch.sort_by_length)
         self.stage.clock.pop()
         self.optimizer.zero_grad()
         self.student.zero_grad_buffer()
@@ -171,33 +196,37 @@ class Trainer(TrainingLoop):
         t2 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]           # the rate this step applies
         success, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if success:   # an fp16 overflow skips the update; the schedule waits for it (as Megatron-LM's does)
+            self.scheduler.step(increment=1)
         t3 = time.perf_counter()
         self.step += 1
         phases = self.stage.clock.pop()
         if not self._logged(self.step):
             return StepResult(self.step, None)  # metrics cost a host sync and a collective: logged steps only
+        # Every rank knows the metric names (config, method, step); the last stage's values are the ones logged.
+        forward = phases.get("teacher_forward", 0.0) + phases.get("student_forward", 0.0)
+        step_values = {   # known on every rank
+            "time/rollout": rollout_seconds, "time/teacher_forward": phases.get("teacher_forward", 0.0),
+            "time/student_forward": phases.get("student_forward", 0.0),
+            "time/student_backward": max(phases["schedule"] - forward, 0.0), "time/optimizer": t3 - t2,
+            "time/step": t3 - t0, "rollout/on_policy": float(on_policy),
+            "rollout/response_length": sum(len(r) for _, r in pairs) / len(pairs),
+            "optim/lr": lr, "optim/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "optim/update_skipped": 0.0 if success else 1.0,
+            "optim/loss_scale": self.optimizer.get_loss_scale(),   # fp16's dynamic scale, 1 otherwise (on device)
+            "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t3 - t0, 1e-9),
+        }
+        sums = [f"loss/{k}" for k in self.loss_names] + ["tokens/response"]
+        diagnostics = list(self.method.diagnostics) if self._diagnosed(self.step) else []
         local = None
-        if ps.is_pipeline_last_stage():
+        if ps.is_pipeline_last_stage():   # device scalars, read back on rank 0 only, after the collectives
             weighted = torch.stack([r["weighted"] for r in reported]).sum(0)
             tokens = torch.stack([r["tokens"] for r in reported]).sum()
-            local = dict(zip((f"loss/{k}" for k in self.loss_names), weighted.tolist()))
-            local["tokens/response"] = float(tokens)
-            if "diagnostics" in reported[0]:   # means over micro-batches, then (reduce_to_rank0) over DP ranks
-                diagnostics = torch.stack([r["diagnostics"] for r in reported]).mean(0)
-                local.update(zip(self.method.diagnostics, diagnostics.tolist()))
-            forward = phases.get("teacher_forward", 0.0) + phases.get("student_forward", 0.0)
-            local.update({
-                "time/rollout": rollout_seconds, "time/teacher_forward": phases.get("teacher_forward", 0.0),
-                "time/student_forward": phases.get("student_forward", 0.0),
-                "time/student_backward": max(phases["schedule"] - forward, 0.0), "time/optimizer": t3 - t2,
-                "time/step": t3 - t0, "rollout/on_policy": float(on_policy),
-                "rollout/response_length": sum(len(r) for _, r in pairs) / len(pairs),
-                "optim/lr": lr, "optim/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                "optim/update_skipped": 0.0 if success else 1.0,
-                "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t3 - t0, 1e-9),
-            })
-        metrics = reduce_to_rank0(local)   # means over data-parallel ranks
+            local = dict(zip(sums, [*weighted.unbind(), tokens]))
+            if diagnostics:   # means over micro-batches, then (reduce_to_rank0) over DP ranks
+                local.update(zip(diagnostics, torch.stack([r["diagnostics"] for r in reported]).mean(0).unbind()))
+            local.update(step_values)
+        metrics = reduce_to_rank0(local, sums + diagnostics + list(step_values))   # one packed tensor, DP means
         if metrics is not None:            # weighted sums / tokens: the per-token means of the whole step
             for name in self.loss_names:
                 metrics[f"loss/{name}"] /= max(metrics["tokens/response"], 1.0)

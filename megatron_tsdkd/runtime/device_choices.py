@@ -1,0 +1,59 @@
+"""Every decision the project takes by looking at the device, in one list (the CPU shim, cpu_shim.py, and the
+process-group setup, distributed.py, are the rest of runtime/ that knows the device).
+
+Outside runtime/ no code branches on the device (tests/test_device_true.py scans the package for it), so the CPU
+tests run the branch a GPU takes everywhere else. What stays device-dependent is here because its answer must
+differ, and each function says why: a precision or kernel that one device lacks, or a fact (memory) that only one
+device has. None of them changes what a model computes for given inputs, weights and dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+GIB = 1024 ** 3
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPU (tensor cores; what megatron trains in), fp32 on CPU: CPU bf16 matmuls are emulated and slow,
+    and the CPU tests compare against fp32 references. Only a default: ``precision.dtype`` / ``dtype=`` win."""
+    return torch.bfloat16 if _cuda() else torch.float32
+
+
+def auto_attention_backend(transformer_engine_available: Callable[[], bool]) -> str:
+    """What ``attention_backend='auto'`` means on this machine: Transformer Engine's fused attention where it
+    imports (it needs CUDA), else PyTorch SDPA's flash / memory-efficient kernels on GPU; on CPU megatron's local
+    kernel, since neither fused kernel exists there and local is the reference the others are tested against.
+    ``transformer_engine_available`` is only called on GPU (importing TE on CPU is slow and pointless)."""
+    if _cuda():
+        return "te" if transformer_engine_available() else "sdpa"
+    return "local"
+
+
+def device_memory_bytes() -> Optional[int]:
+    """This rank's accelerator memory, the memory plan's budget (training/memory_plan.py); None on CPU, where no
+    device memory bounds the layout (host memory is not what a GPU job plans for)."""
+    if not _cuda():
+        return None
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+
+
+def peak_memory() -> str:
+    """This process's peak memory as the step line reports it: allocated on its GPU, or its resident set on CPU
+    (there is no device allocator to ask)."""
+    if _cuda():
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / GIB:.2f} GiB"
+    import resource
+
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB:.2f} GiB"  # KiB on Linux
+
+
+def device_kind() -> str:
+    """'GPU' or 'CPU', for the start-up summary: a user reading the log should see where the run ran."""
+    return "GPU" if _cuda() else "CPU"
