@@ -438,3 +438,18 @@ def test_diagnostics_at_their_interval_and_metrics_in_one_collective_per_group(w
     for metrics, calls, equal in (rank[0] for rank in dp_runs):
         assert calls == [["all_reduce"]] and equal == [True], calls
     assert [step for step, m in dp_runs[0][0][0] if "grad_share/direct" in m] == [1]   # the last step
+
+
+def test_a_writer_opened_in_the_same_second_sorts_after_the_last_event_file(tmp_path):
+    """TensorBoard reads event files in name order (creation second first, then host, pid and a counter compared as
+    text: "...10" before "...9"); a resumed run's file must come after the killed run's, or its steps are dropped."""
+    import time
+
+    from megatron_tsdkd.training.metrics import summary_writer
+
+    older = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.~.1.9"   # "~" sorts after any host name
+    older.write_bytes(b"")
+    writer = summary_writer(str(tmp_path))
+    writer.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == older.name, names

@@ -209,8 +209,8 @@ def summary_writer(log_dir: str, **kwargs):
 
     stamps = [int(name.split(".")[3]) for name in map(os.path.basename, glob.glob(
         os.path.join(glob.escape(log_dir), "events.out.tfevents.*"))) if name.split(".")[3].isdigit()]
-    newest = max(stamps, default=0)
-    while int(time.time()) <= newest:   # at most one second, and only in that case
+    newest, deadline = max(stamps, default=0), time.monotonic() + 2.0   # bounded: a node whose clock lags waits
+    while int(time.time()) <= newest and time.monotonic() < deadline:   # at most a second, and only in that case
         time.sleep(0.05)
     return SummaryWriter(log_dir=log_dir, **kwargs)
 
