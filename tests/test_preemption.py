@@ -206,17 +206,24 @@ def assert_resume_is_exact(runs, ckpt, folder, from_step: int, reference: dict[i
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def held_torchrun(runs, tmp_path, step: int):
+    """A plain torchrun job whose checkpoint writers hold the save of ``step`` open (HOLD_ENV); returns once one is
+    held: (run, the hold folder, the held markers, checkpoint dir, TensorBoard dir)."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    run = runs(torchrun_argv(ckpt, tb), str(tmp_path / "cut"), env=run_env(**{HOLD_ENV: f"{step}:{hold}"}))
+    held = poll_until(lambda: list(hold.glob("held.*")) or run._ended("a held save"), 150,
+                      f"a checkpoint writer held in the save of step {step}")
+    return run, hold, held, ckpt, tb
+
+
 def test_sigterm_to_torchrun_mid_save_completes_that_save(runs, reference, tmp_path):
     """Plain torchrun: its SIGTERM handler signals each worker's whole process group (the process writing the
     asynchronous checkpoint and the file writers it forked included), and SIGKILLs them 30 s later. The write in
     progress completes; the save the signal asks for is of the step the trainer reached meanwhile (2 to 4: the save
     of step 4 waits for that write), complete and ``latest``; the resumed run is exact."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
-    run = runs(torchrun_argv(ckpt, tb), str(tmp_path / "cut"), env=run_env(**{HOLD_ENV: f"2:{hold}"}))
-    held = poll_until(lambda: list(hold.glob("held.*")) or run._ended("a held save"), 150,
-                      "a checkpoint writer held in the save of step 2")
+    run, hold, held, ckpt, tb = held_torchrun(runs, tmp_path, 2)
     writer = int(held[0].name.split(".")[1])
     workers = children(run.proc.pid)
     assert len(workers) == 2 and parent(parent(writer)) in workers, (workers, writer)
@@ -242,12 +249,7 @@ def test_kill_9_mid_async_write_keeps_latest_on_the_previous_checkpoint(runs, re
     """kill -9 of torchrun while the asynchronous write of step 4 is held open (the trainer trains on meanwhile):
     the workers die with torchrun, the writing processes with their workers. Step 4 stays ``step_000004.partial``,
     ``latest`` names step 2, and the resumed run is exact."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
-    run = runs(torchrun_argv(ckpt, tb), str(tmp_path / "cut"), env=run_env(**{HOLD_ENV: f"{2 * INTERVAL}:{hold}"}))
-    held = poll_until(lambda: list(hold.glob("held.*")) or run._ended("a held save"), 150,
-                      "a checkpoint writer held in the save of step 4")
+    run, hold, held, ckpt, tb = held_torchrun(runs, tmp_path, 2 * INTERVAL)
     assert latest_name(ckpt) == "step_000002"
     workers = children(run.proc.pid)
     tree = workers + [p for w in workers for p in children(w)] + [int(h.name.split(".")[1]) for h in held]
