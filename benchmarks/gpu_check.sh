@@ -14,7 +14,10 @@
 #      over the real vocabulary, the same tensors as the initial student, some of them changed by training);
 #   3. benchmarks/step_throughput.py at the same shapes: tokens/s against the HF-style step (HF generate + dense
 #      full-vocabulary loss), student fwd/bwd MFU, peak GPU memory against the memory planner's prediction, the
-#      trainer's per-phase times, and SDPA against megatron's local attention.
+#      trainer's per-phase times, and SDPA against megatron's local attention;
+#   4. benchmarks/rollout_engines.py, when `import vllm` works (the vllm wheel carried): rollout tokens/s of vLLM,
+#      our megatron decode and HF generate on a small random Qwen2, and the vLLM weight sync's seconds; without
+#      vLLM the summary says "rollout engines: vLLM not installed (skipped)" and the check goes on.
 # Everything ends in one summary block (the last lines of the output hold every figure, the vocabulary among them),
 # whatever fails: a step's error or time limit, a full disk, a signal, or a line of this script itself.
 #
@@ -25,6 +28,7 @@
 #
 # On a CPU (no CUDA) it runs the same path at tiny shapes (a 1,000-token synthetic tokenizer) in about 2 minutes on
 # 2 cores, so CI keeps it alive (tests/test_gpu_check.py); nothing is installed there: the venv has megatron-core.
+# The rollout benchmark (step 4) is skipped there: the vLLM path has its own tests (tests/test_vllm_*.py).
 #
 # Offline installs. The GPU machines have Python 3.12, torch 2.11 (CUDA 13), transformers, tokenizers, safetensors,
 # sentencepiece, tensorboard, tqdm and pyyaml, but no megatron-core and no network. When `import megatron.core`
@@ -358,6 +362,20 @@ rm -rf "$WORK/checkpoints"   # the throughput runs need the disk more than the f
 step throughput 480 "$PY" benchmarks/step_throughput.py "${MODEL_ARGS[@]}" "${SIZE_ARGS[@]}" --steps "$BENCH_STEPS" \
     --eval-count "$EVAL_N" --models-dir "$MODELS" --attentions sdpa,local --child-timeout 300 --engines "$ENGINES"
 note "$(sed -n '/^==== step throughput/,$p' "$WORK/throughput.log" | grep -v '^\[')"
+
+# ---- 6. rollout engines: vLLM against our megatron decode and HF generate, and the weight sync ----------------------
+# Only where vLLM imports (an optional dependency; the GPU machines need its wheel carried): otherwise a summary line
+# says so and the check goes on. Tiny shapes: the smallest sizes (the figures only prove the path runs).
+if [ "$SHAPES" = tiny ]; then   # the CPU path of CI: the vLLM path is tested by tests/test_vllm_*.py
+    note "rollout engines: skipped at tiny shapes (run benchmarks/rollout_engines.py)"
+    STEP_TIMES+=("rollouts 0")
+elif "$PY" -c "import vllm" >/dev/null 2>&1; then
+    step rollouts 240 "$PY" benchmarks/rollout_engines.py   # 16 prompts of 32-128 tokens, 64 new, 4-layer Qwen2
+    keep rollouts '^(model: Qwen2|rollout engines:)'
+else
+    note "rollout engines: vLLM not installed (skipped)"
+    STEP_TIMES+=("rollouts 0")
+fi
 
 if [ "$GPU" = 1 ] && [ $((SECONDS - START)) -gt $BUDGET ]; then
     note "over budget: $((SECONDS - START)) s > $BUDGET s"

@@ -64,17 +64,28 @@ class DataConfig:
     fields: Fields = field(default_factory=Fields)   # column mapping: data.fields.prompt=question ...
 
 
+ROLLOUT_ENGINES = ("megatron", "vllm", "auto")
+
+
 @dataclass(frozen=True)
 class RolloutConfig(SamplingConfig):
     """How the student samples on-policy responses (generation's SamplingConfig) and how often (lambda)."""
 
     on_policy_prob: Optional[float] = None   # lambda; unset: 1.0 for methods that train on-policy, else 0.0
+    # who samples: our KV-cached decode under the training TP/PP (megatron), a colocated TP=1 vLLM replica per
+    # rank fed by a weight sync after each optimizer step (vllm; generation/vllm_rollouts.py), or vllm where it
+    # is installed and supports the student, else megatron (auto; the start-up summary says which)
+    engine: str = "megatron"
+    vllm_memory_fraction: float = 0.3        # GPU share of each replica (weights + KV cache) while it samples
 
     def __post_init__(self):
         super().__post_init__()
         p = self.on_policy_prob
         if p is not None and not 0.0 <= p <= 1.0:
             raise ValueError(f"on_policy_prob: must lie in [0, 1], got {p!r}")
+        require(self.engine in ROLLOUT_ENGINES, "engine", self.engine, f"must be one of {', '.join(ROLLOUT_ENGINES)}")
+        require(0.0 < self.vllm_memory_fraction < 1.0, "vllm_memory_fraction", self.vllm_memory_fraction,
+                "must lie in (0, 1)")
 
 
 @dataclass
@@ -340,6 +351,9 @@ def _check(cfg: TrainConfig) -> None:
          f"method {method.name} weighs tokens by the sampling law itself: set rollout.temperature=1 rollout.top_k=0 "
          f"rollout.top_p=1 rollout.greedy=false (got temperature {r.temperature}, top_k {r.top_k}, top_p {r.top_p}, "
          f"greedy {r.greedy})")
+    need(not (method.co_generation and r.engine == "vllm"), "rollout.engine",
+         f"method {method.name} picks each token from the student's and the teacher's logits together "
+         f"(generation/co_generation.py), which vLLM cannot do; use rollout.engine=megatron (or auto)")
     need(cfg.engine in method.engines, "engine",
          f"method {method.name} runs on engine={' or '.join(method.engines)} only ("
          + ("it samples with student and teacher together, generation/co_generation.py" if method.co_generation

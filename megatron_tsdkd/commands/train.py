@@ -112,8 +112,12 @@ def main(argv=None) -> None:
         if table:   # the memory plan's table, then the one-line error
             print("\n".join(table), flush=True)
         _fail(first)
+    from megatron_tsdkd.generation.vllm_rollouts import RolloutEngineError
     from megatron_tsdkd.training.job import run_job
-    run_job(cfg, inputs)
+    try:
+        run_job(cfg, inputs)
+    except RolloutEngineError as error:   # a vLLM crash or out-of-memory mid-run: one line, the checkpoint stays
+        _fail(str(error))
 
 
 def _dry_run_main(args) -> None:

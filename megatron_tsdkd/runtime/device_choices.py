@@ -57,3 +57,23 @@ def peak_memory() -> str:
 def device_kind() -> str:
     """'GPU' or 'CPU', for the start-up summary: a user reading the log should see where the run ran."""
     return "GPU" if _cuda() else "CPU"
+
+
+def vllm_replica_options(memory_fraction: float, kv_cache_bytes: int) -> dict:
+    """The vLLM engine arguments of a rollout replica (generation/vllm_replica.py) that must differ by device.
+    GPU: CUDA graphs (the reason to use vLLM), sleep mode (the replica frees its KV cache and weights while the
+    teacher and student train), and the KV cache sized as ``memory_fraction`` of the GPU, the share the memory
+    plan sets aside. CPU: eager mode (vLLM's CPU backend would compile every shape with inductor: minutes of
+    start-up), no sleep mode (its allocator is CUDA's), and a KV cache of ``kv_cache_bytes``, what the step's
+    rollouts need: there is no device memory to take a fraction of."""
+    if _cuda():
+        return {"enforce_eager": False, "enable_sleep_mode": True, "gpu_memory_utilization": memory_fraction}
+    return {"enforce_eager": True, "enable_sleep_mode": False, "kv_cache_memory_bytes": int(kv_cache_bytes)}
+
+
+def vllm_attention_backend() -> str:
+    """The vLLM attention backend whose head sizes decide whether a student can roll out on vLLM (``rollout.engine``):
+    FlashAttention, vLLM's default on NVIDIA GPUs, or its CPU backend, which has a shorter list (no head_dim 16)."""
+    if _cuda():
+        return "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+    return "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"

@@ -33,6 +33,7 @@ class TrainingParts:
     num_microbatches: int                     # per optimizer step on this data-parallel rank
     preemption: PreemptionFlag
     memory_plan: object
+    rollouts: object = None                   # VllmRollouts with rollout.engine=vllm, else None (megatron decode)
 
 
 def _finalize_student_grads(student, _model_chunks, *args, **kwargs):
@@ -106,4 +107,33 @@ def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> Trainin
     stage.config.grad_scale_func = optimizer.scale_loss
     return TrainingParts(inputs, student, teacher, stage, build_method(cfg.method), sampler, optimizer,
                          build_scheduler(cfg, optimizer, total_steps), total_steps,
-                         b.global_size // (dp_size * b.micro_size), preemption, inputs.memory_plan)
+                         b.global_size // (dp_size * b.micro_size), preemption, inputs.memory_plan,
+                         build_vllm_rollouts(cfg, inputs, partial(student_hf_tensors, student, inputs),
+                                             ps.get_model_parallel_group(), b.global_size // dp_size))
+
+
+def student_hf_tensors(student, inputs: RunInputs):
+    """The student's weights as HF tensors, streamed to every rank of its model-parallel group (the vLLM sync)."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_tsdkd.models.hf_config import arch_spec
+    from megatron_tsdkd.models.weight_stream import stream_hf_tensors
+
+    sync_student_params(student)   # overlap_param_gather: the last step's weights
+    return stream_hf_tensors(unwrap_model(student), arch_spec(inputs.student.hf_config))
+
+
+def build_vllm_rollouts(cfg: TrainConfig, inputs: RunInputs, stream_weights, group, rows_per_rank: int):
+    """The colocated vLLM replica of this rank and its rollout driver (generation/vllm_rollouts.py) when
+    ``rollout.engine`` resolved to vllm (training/inputs.py); None otherwise. Both engines build it here."""
+    if cfg.rollout.engine != "vllm":
+        return None
+    from megatron_tsdkd.generation.vllm_replica import VllmReplica
+    from megatron_tsdkd.generation.vllm_rollouts import VllmRollouts
+
+    r = cfg.rollout
+    replica = VllmReplica(inputs.student.meta_dir, dtype=DTYPES[cfg.precision.dtype],
+                          vocab_size=inputs.tokens.vocab_size,
+                          max_model_len=cfg.data.max_prompt_length + r.max_new_tokens, max_rows=rows_per_rank,
+                          memory_fraction=r.vllm_memory_fraction, seed=cfg.seed)
+    return VllmRollouts(replica, stream_weights, group)

@@ -13,7 +13,9 @@ What differs from the megatron engine (training/trainer.py), and nothing else:
 - rollouts use transformers' ``generate`` on the student (KV cache of HF's own; under ZeRO-3 every step of the
   decode gathers every layer's weights, and ``synced_gpus`` keeps all ranks decoding until the longest is done, so
   an on-policy step costs about max_new_tokens student forwards of gather traffic: the megatron engine's TP
-  generation is much cheaper for large students);
+  generation is much cheaper for large students); or, with ``rollout.engine=vllm``, a colocated TP=1 vLLM replica
+  per rank (generation/vllm_rollouts.py), fed the student's weights one module at a time after each optimizer step
+  (under ZeRO-3 one module's gather at a time, so no rank holds a second full copy);
 - checkpoints are DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` in ``<checkpoint.dir>/step_NNNNNN``
   (model, ZeRO optimizer shards) with the trainer state (step, sampler) as client state; the folder also holds
   config.yaml and hf_meta/. ``latest`` (DeepSpeed's marker: a file naming the tag) is written by us, atomically,
@@ -196,10 +198,39 @@ class DeepSpeedTrainer(TrainingLoop):
         self.parts = _Parts(inputs, inputs.memory_plan, self.total_steps, self.num_microbatches)
         self.step = 0
         self.stopped_by_signal = False
+        # Last, after the models and the optimizer, as training/build.py builds it for the megatron engine. Every rank
+        # is its own data-parallel rank, so its "model-parallel group" is itself (megatron's TP=PP=1 group, size 1):
+        # the replica generates this rank's whole batch and gathers nothing. The whole world would be wrong there.
+        from megatron.core import parallel_state as ps
+
+        from megatron_tsdkd.training.build import build_vllm_rollouts
+
+        self.rollouts = build_vllm_rollouts(cfg, inputs, self._student_hf_tensors, ps.get_model_parallel_group(),
+                                            b.global_size // self.dp_size)
 
     @property
     def student(self) -> torch.nn.Module:
         return self.engine.module
+
+    def _student_hf_tensors(self):
+        """(HF name, tensor) for every parameter of the student, for the vLLM replica's ``load_weights``. Streamed
+        so that no rank holds a second full copy: under ZeRO-3 one module's own parameters are gathered at a time
+        (collective over the world: every rank must drain the iterator, which they do, all being equally stale);
+        under ZeRO-2 they are whole already and the gather is a no-op. Tensors are detached views, not copies: the
+        consumer copies them (vLLM may buffer a few until a fused layer is complete; DeepSpeed's release swaps
+        ``param.data`` for an empty tensor rather than overwriting it, so a buffered one stays valid). A tied
+        parameter is sent under its first name only (the embedding): vLLM ties the output layer itself."""
+        import deepspeed
+
+        zero3, seen = self.cfg.deepspeed.zero_stage == 3, set()
+        for prefix, module in self.student.named_modules():
+            own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            if not own:
+                continue
+            seen.update(id(p) for _, p in own)
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None, enabled=zero3):
+                for name, param in own:
+                    yield (f"{prefix}.{name}" if prefix else name), param.detach()
 
     # ----------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -246,6 +277,8 @@ class DeepSpeedTrainer(TrainingLoop):
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.method.load_state_dict(state.get("method", {}))
+        if self.rollouts is not None:   # the replica holds the weights from before the load
+            self.rollouts.weights_changed()
         if self.rank == 0:
             log.warning("resumed from %s at step %d", folder, self.step)
         return True
@@ -284,10 +317,19 @@ class DeepSpeedTrainer(TrainingLoop):
     # ----------------------------------------------------------------------------------------------------------
     # one step
 
-    def _rollout(self, examples) -> tuple[list, bool, float]:
+    def _rollout(self, examples) -> tuple[list, bool, float, float]:
+        """The step's (prompt, response) pairs: sampled by the student with probability lambda, else the data's;
+        the seconds the sampling took, and of those the seconds the vLLM weight sync took (0 without vLLM)."""
         r = self.cfg.rollout
         if random.Random(derive_seed(self.cfg.seed, self.step)).random() >= r.on_policy_prob:
-            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0
+            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0, 0.0
+        seed = derive_seed(self.cfg.seed, self.step, salt=1 + self.rank)
+        if self.rollouts is not None:   # the colocated vLLM replica, synced first if the weights moved
+            start = time.perf_counter()
+            out, sync_seconds = self.rollouts.generate([e.prompt_ids for e in examples], r,
+                                                       eos_token_ids=self.tokens.stop_ids, generator_seed=seed)
+            pairs = [(examples[i // r.num_samples].prompt_ids, resp) for i, resp in enumerate(out.responses)]
+            return pairs, True, time.perf_counter() - start, sync_seconds
         from transformers import LogitsProcessor, LogitsProcessorList
 
         from megatron_tsdkd.data.collate import collate_prompts
@@ -301,7 +343,7 @@ class DeepSpeedTrainer(TrainingLoop):
 
         start = time.perf_counter()
         prompts = collate_prompts([e.prompt_ids for e in examples], self.tokens.pad_id, padding_side="left")
-        torch.manual_seed(derive_seed(self.cfg.seed, self.step, salt=1 + self.rank))
+        torch.manual_seed(seed)
         sampling = {} if r.greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k or None}
         self.student.eval()
         with torch.no_grad():
@@ -320,7 +362,7 @@ class DeepSpeedTrainer(TrainingLoop):
                 while response and response[-1] == self.tokens.pad_id:
                     response = response[:-1]
             pairs.append((examples[i // r.num_samples].prompt_ids, response))
-        return pairs, True, time.perf_counter() - start
+        return pairs, True, time.perf_counter() - start, 0.0
 
     def _logits(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
@@ -331,7 +373,7 @@ class DeepSpeedTrainer(TrainingLoop):
 
         t0 = time.perf_counter()
         examples = [self.inputs.train[i] for i in self.sampler.next_batch()]
-        pairs, on_policy, rollout_seconds = self._rollout(examples)
+        pairs, on_policy, rollout_seconds, sync_seconds = self._rollout(examples)
         batches, _ = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id, self.cfg.data.max_length,
                                    self.device)
         counts = [(b.loss_mask != 0).sum() for b in batches]
@@ -366,6 +408,8 @@ class DeepSpeedTrainer(TrainingLoop):
             weighted = values * count if weighted is None else weighted + values * count
             if diagnosed and self.method.diagnostics:
                 diagnostics.append(torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics]))
+        if self.rollouts is not None and self.engine.was_step_applied():   # an fp16 overflow skips the update
+            self.rollouts.weights_changed()
         t5 = time.perf_counter()
         self.step += 1
         if not self.cfg.logging.logs(self.step, self.total_steps):
@@ -383,6 +427,8 @@ class DeepSpeedTrainer(TrainingLoop):
             "optim/update_skipped": 0.0 if self.engine.was_step_applied() else 1.0,
             "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t5 - t0, 1e-9),
         })
+        if self.rollouts is not None:   # the part of time/rollout that fed the replica the new weights
+            local["time/weight_sync"] = sync_seconds   # every rank has a replica: the same names everywhere
         metrics = reduce_to_rank0(local)
         if metrics is not None:
             for name in self.loss_names:
@@ -402,6 +448,13 @@ class DeepSpeedTrainer(TrainingLoop):
                      "ZeRO-3 partitioned" if d.teacher_zero3_inference else "a full copy per rank")
         super().log_summary()
 
+    def close(self) -> None:
+        """End the vLLM replica, if any. Last thing in the job: vLLM's shutdown also ends the default process group
+        (generation/vllm_replica.py)."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
+
 
 def run_deepspeed_job(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> DeepSpeedTrainer:
     """``tsdkd-train`` with engine=deepspeed: training, then the HF export. (Before/after accuracy is the megatron
@@ -411,9 +464,11 @@ def run_deepspeed_job(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> D
     say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
     if trainer.stopped_by_signal:
         say(f"stopped by a signal at step {trainer.step}; the checkpoint is in {cfg.checkpoint.dir}", flush=True)
+        trainer.close()   # last: vLLM's shutdown ends the default process group
         return trainer
     if cfg.checkpoint.export_hf:
         trainer.export_hf(cfg.checkpoint.export_hf)
         say(f"exported the student as a Hugging Face model to {cfg.checkpoint.export_hf}", flush=True)
     say(f"training finished at step {trainer.step}", flush=True)
+    trainer.close()   # last: vLLM's shutdown ends the default process group
     return trainer

@@ -120,7 +120,30 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
         raise PreflightError(f"data.eval: {unanswered} has no \"answer\"; every evaluation problem needs one")
     _check_world(cfg)
     _check_resume(cfg)
+    _resolve_rollout_engine(cfg, student)   # before the memory plan, which counts a vLLM replica's share
     return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), _memory_plan(cfg, student, teacher))
+
+
+def _resolve_rollout_engine(cfg: TrainConfig, student: ModelSource) -> None:
+    """``rollout.engine`` as this run will use it, written back into ``cfg`` (the summary and the saved config show
+    it): ``auto`` becomes vllm where vLLM is installed and serves the student, else megatron; ``vllm`` that cannot
+    serve the student stops here. Runs that never sample, and co-generation methods, decode with megatron."""
+    import dataclasses
+
+    from megatron_tsdkd.methods import method_class
+
+    r = cfg.rollout
+    if r.engine == "megatron" or not r.on_policy_prob or method_class(cfg.method.name).co_generation:
+        engine = "megatron"
+    else:
+        from megatron_tsdkd.generation.vllm_replica import unsupported_reason
+
+        reason = unsupported_reason(student.hf_config)
+        if reason and r.engine == "vllm":
+            raise PreflightError(f"rollout.engine: vllm cannot sample the student {student.path}: {reason}; "
+                                 f"set rollout.engine=megatron (or auto)")
+        engine = "megatron" if reason else "vllm"
+    cfg.rollout = dataclasses.replace(r, engine=engine)
 
 
 def _memory_plan(cfg: TrainConfig, student: ModelSource, teacher: Optional[ModelSource]):

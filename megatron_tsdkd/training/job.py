@@ -53,6 +53,7 @@ def run_job(cfg: TrainConfig, inputs: RunInputs) -> Trainer:
     trainer.train(summary=before is None)
     if trainer.stopped_by_signal:
         _say(f"stopped by a signal at step {trainer.step}; the checkpoint is in {cfg.checkpoint.dir}")
+        trainer.close()
         return trainer
     if cfg.checkpoint.export_hf:
         from megatron_tsdkd.models import export_hf
@@ -66,4 +67,5 @@ def run_job(cfg: TrainConfig, inputs: RunInputs) -> Trainer:
         _say(f"student accuracy on {cfg.data.eval} after {trainer.step} steps of {cfg.method.name}: {change}")
         log_scalars(cfg.logging.dir, trainer.step, {"eval/accuracy": after.accuracy})
     _say(f"training finished at step {trainer.step}")
+    trainer.close()   # last: vLLM's shutdown ends the default process group
     return trainer

@@ -32,6 +32,8 @@ ADAM_MOMENT_BYTES = 8           # exp_avg + exp_avg_sq, fp32
 MASTER_WEIGHT_BYTES = 4         # fp32 copy of bf16/fp16 weights (fp32 weights are their own master)
 LOSS_CHUNK_COPIES = 6           # fp32 [chunk, V/TP] tensors alive in a chunk of the vocab-parallel losses
 RUNTIME_RESERVE = 3 * GIB       # CUDA context, NCCL communicators and buffers, allocator fragmentation
+VLLM_ASLEEP_BYTES = GIB // 2    # a sleeping vLLM replica's CUDA graph pool (estimate), kept through training
+VLLM_MIN_SHARE_OVER_WEIGHTS = 1.25   # the replica's share must hold its weights and a KV cache of a quarter of them
 SHIPPED_HF_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hf")
 
 
@@ -91,6 +93,7 @@ class PlanInputs:
     attention_scores: bool = False  # the core attention materialises [b, heads, s, s] scores (models.attention=local)
     rollout: bool = False         # student samples responses (on-policy), so a KV cache is needed
     rollout_len: int = 0          # prompt + generated tokens per rollout sequence
+    vllm_memory_fraction: float = 0.0   # > 0: a colocated vLLM replica samples (rollout.engine=vllm), this share
     chunk_size: int = 1024        # tokens per chunk in the vocab-parallel losses
     gpu_memory_gib: float = 80.0
 
@@ -300,7 +303,9 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
                     note=f"recompute {i.recompute}, 1F1B in flight"))
     rows.append(Row("layer working set", working, "train", note="attention scores / MLP"))
     rows.append(Row("logits + loss chunk buffers", logits, "train", note=f"chunk {i.chunk_size}"))
-    if i.rollout:
+    if i.rollout and i.vllm_memory_fraction:
+        rows.extend(vllm_replica_rows(i, len(stages)))
+    elif i.rollout:
         batch = max(1, i.global_batch // i.dp)   # a rank samples all of its sequences of the step at once
         kv = [2 * layers * (student.num_query_groups // i.tp) * student.head_dim * batch * i.rollout_len * elem
               for _ in stages]
@@ -308,6 +313,30 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
         gen_logits = [batch * (vocab // i.tp) * 4 * 2 if s == i.pp - 1 else 0 for s in stages]
         rows.append(Row("sampling logits", gen_logits, "rollout"))
     return plan
+
+
+def vllm_replica_rows(i: PlanInputs, stages: int) -> list[Row]:
+    """What a colocated vLLM replica (rollout.engine=vllm) costs every rank: its share of the GPU while it samples
+    (weights + KV cache; vLLM takes exactly that much), and the CUDA graphs it keeps while asleep in training
+    (an estimate: vLLM's graph pool for its default batch sizes)."""
+    share = int(i.vllm_memory_fraction * i.gpu_memory_gib * GIB)
+    return [Row("vLLM replica asleep (CUDA graphs)", [VLLM_ASLEEP_BYTES] * stages, note="estimate"),
+            Row("vLLM replica: weights + KV cache", [share] * stages, "rollout",
+                note=f"rollout.vllm_memory_fraction {i.vllm_memory_fraction:g}")]
+
+
+def check_vllm_share(student: ArchSpec, i: PlanInputs) -> Optional[str]:
+    """Why the replica's share cannot hold the whole student (TP=1) with room for a KV cache, or None."""
+    if not (i.rollout and i.vllm_memory_fraction):
+        return None
+    weights = total_parameters(student) * DTYPES[i.dtype].itemsize
+    share = i.vllm_memory_fraction * i.gpu_memory_gib * GIB
+    if weights * VLLM_MIN_SHARE_OVER_WEIGHTS > share:
+        return (f"rollout.vllm_memory_fraction: {i.vllm_memory_fraction:g} of {i.gpu_memory_gib:.0f} GiB "
+                f"({share / GIB:.1f} GiB) cannot hold the student's {weights / GIB:.1f} GiB of weights (TP=1) and a KV "
+                f"cache; raise it to at least {min(0.95, weights * VLLM_MIN_SHARE_OVER_WEIGHTS / (i.gpu_memory_gib * GIB)):.2f} "
+                f"or use rollout.engine=megatron")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,9 +353,19 @@ def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = N
         dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         recompute=cfg.models.recompute, attention_scores=cfg.models.attention == "local",
         rollout=r.on_policy_prob > 0, rollout_len=cfg.data.max_prompt_length + r.max_new_tokens,
+        vllm_memory_fraction=r.vllm_memory_fraction if _plans_vllm(cfg) else 0.0,
         chunk_size=cfg.method.chunk_size,
         gpu_memory_gib=cfg.memory.gpu_memory_gib if gpu_memory_gib is None else gpu_memory_gib,
     )
+
+
+def _plans_vllm(cfg) -> bool:
+    """Whether the plan counts a vLLM replica: rollout.engine=vllm, or auto not yet resolved (tools/plan.py plans
+    before any check of the environment; auto then counts the replica, the larger of the two), except for the
+    co-generation methods, which always decode with megatron."""
+    from megatron_tsdkd.methods import method_class
+
+    return cfg.rollout.engine in ("vllm", "auto") and not method_class(cfg.method.name).co_generation
 
 
 def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> str:
@@ -390,6 +429,9 @@ def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
     teacher = _as_spec(teacher_config) if teacher_config is not None else None
     gib = gpu_memory_bytes / GIB if gpu_memory_bytes else None
     plan, suggestion = plan_for_config(cfg, world_size, student, teacher, gib)
+    too_small = check_vllm_share(student, plan.inputs)
+    if too_small and cfg.memory.enforce:
+        raise MemoryPlanError(too_small)
     if not plan.fits and cfg.memory.enforce:
         raise MemoryPlanError(
             f"parallel layout: the planned memory per GPU exceeds {plan.inputs.gpu_memory_gib:.0f} GiB; "

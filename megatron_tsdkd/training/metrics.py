@@ -42,8 +42,9 @@ from megatron_tsdkd.training.run_config import flat_config
 
 log = logging.getLogger("megatron_tsdkd.train")
 GIB = 1024**3
-PHASE_ORDER = ("time/rollout", "time/teacher_forward", "time/student_forward", "time/student_backward",
-               "time/optimizer")   # the order of the step; the text line lists them so
+# the order of the step; the text line lists them so (time/rollout includes the vLLM replicas' time/weight_sync)
+PHASE_ORDER = ("time/rollout", "time/weight_sync", "time/teacher_forward", "time/student_forward",
+               "time/student_backward", "time/optimizer")
 
 
 def reduce_to_rank0(local: Optional[Mapping[str, Union[float, torch.Tensor]]],
@@ -257,6 +258,7 @@ def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num
         f"run: method {cfg.method.name}, student {cfg.models.student.path}"
         + (f", teacher {teacher}" if teacher else ", no teacher")
         + f", {cfg.precision.dtype}, on-policy probability {cfg.rollout.on_policy_prob:g}"
+        + (f", rollouts on {_rollout_engine_words(cfg)}" if cfg.rollout.on_policy_prob else "")
         + f", on {device_kind()}",
         f"layout: TP={tp} PP={pp} DP={dp}, world size {world_size}; {num_microbatches} micro-batch"
         f"{'es' if num_microbatches != 1 else ''} of {b.micro_size} sequences per step on each data-parallel rank "
@@ -279,6 +281,15 @@ def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num
         text = " ".join(f"{k}={v}" for k, v in values.items())
         lines.append(f"  {section}: {text}" if section else f"  {text}")
     return lines
+
+
+def _rollout_engine_words(cfg) -> str:
+    """Which engine samples (rollout.engine as training/inputs.py resolved it)."""
+    if cfg.rollout.engine == "vllm":
+        return f"vLLM (a TP=1 replica per rank, GPU share {cfg.rollout.vllm_memory_fraction:g}, weights synced " \
+               f"after each optimizer step)"
+    return f"megatron (KV-cached decode at TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline})" \
+        if cfg.engine == "megatron" else "transformers' generate"
 
 
 def log_startup_summary(cfg, parts, start_step: int) -> None:

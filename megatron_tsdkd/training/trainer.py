@@ -69,6 +69,7 @@ class Trainer(TrainingLoop):
         self.forward_backward = get_forward_backward_func()
         self.loss_names = ("total",) + self.method.logs
         self.share_watch = ShareWatch(self.method.share_warning())
+        self.rollouts = parts.rollouts   # vLLM replicas (rollout.engine=vllm), else None: our decode
 
     # ----------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -119,6 +120,8 @@ class Trainer(TrainingLoop):
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.sampler.load_state_dict(trainer_state["sampler"])
         self.method.load_state_dict(trainer_state.get("method", {}))
+        if self.rollouts is not None:
+            self.rollouts.weights_changed()
         if dist.get_rank() == 0:
             log.warning("resumed from %s at step %d", folder, self.step)
         return True
@@ -126,13 +129,14 @@ class Trainer(TrainingLoop):
     # ----------------------------------------------------------------------------------------------------------
     # one step
 
-    def _rollout(self, examples) -> tuple[list, bool, float]:
+    def _rollout(self, examples) -> tuple[list, bool, float, float]:
         """The step's (prompt, response) pairs: sampled by the student (or, for a co-generation method, by student
-        and teacher together) with probability lambda, else the data's; and the seconds the sampling took."""
+        and teacher together) with probability lambda, else the data's; the seconds the sampling took, and of
+        those the seconds the vLLM weight sync took."""
         r = self.cfg.rollout
         if random.Random(derive_seed(self.cfg.seed, self.step)).random() >= r.on_policy_prob:
-            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0
-        start = time.perf_counter()
+            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0, 0.0
+        start, sync_seconds = time.perf_counter(), 0.0
         prompts = [e.prompt_ids for e in examples]
         common = dict(eos_token_ids=self.tokens.stop_ids, pad_token_id=self.tokens.pad_id,
                       vocab_size=self.tokens.vocab_size,
@@ -140,10 +144,13 @@ class Trainer(TrainingLoop):
         if self.method.co_generation:   # both models pick each token (SKD, MiniLLM): the co-located teacher joins
             out = co_generate(unwrap_model(self.student), unwrap_model(self.stage.teacher), prompts, r,
                               self.method.co_sampling(), **common)
+        elif self.rollouts is not None:   # the colocated vLLM replicas, synced first if the weights moved
+            out, sync_seconds = self.rollouts.generate(prompts, r, eos_token_ids=self.tokens.stop_ids,
+                                                       generator_seed=common["generator_seed"])
         else:
             out = generate(unwrap_model(self.student), prompts, r, **common)
         pairs = [(examples[i // r.num_samples].prompt_ids, resp) for i, resp in enumerate(out.responses)]
-        return pairs, True, time.perf_counter() - start
+        return pairs, True, time.perf_counter() - start, sync_seconds
 
     def _logged(self, step: int) -> bool:
         """Whether ``step`` (1-based) logs metrics: every ``logging.interval`` steps, each diagnostic step, the last."""
@@ -178,7 +185,7 @@ class Trainer(TrainingLoop):
         indices = self.sampler.next_batch()
         train = self.parts.inputs.train.for_epoch(self.sampler.epoch)   # the epoch of this batch (KPOD stages)
         examples = [train[i] for i in indices]
-        pairs, on_policy, rollout_seconds = self._rollout(examples)
+        pairs, on_policy, rollout_seconds, sync_seconds = self._rollout(examples)
         weights = None if on_policy else response_weights(examples)   # float loss weights of off-policy data
         # each micro-batch padded to its own longest row; seq_len (the longest) only sizes the schedule's first
         # buffers, the p2p sends each micro-batch's own shape (variable_seq_lengths, training/colocation.py)
@@ -198,6 +205,8 @@ class Trainer(TrainingLoop):
         success, grad_norm, _ = self.optimizer.step()
         if success:   # an fp16 overflow skips the update; the schedule waits for it (as Megatron-LM's does)
             self.scheduler.step(increment=1)
+            if self.rollouts is not None:
+                self.rollouts.weights_changed()
         t3 = time.perf_counter()
         self.step += 1
         phases = self.stage.clock.pop()
@@ -216,6 +225,8 @@ class Trainer(TrainingLoop):
             "optim/loss_scale": self.optimizer.get_loss_scale(),   # fp16's dynamic scale, 1 otherwise (on device)
             "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t3 - t0, 1e-9),
         }
+        if self.rollouts is not None:   # the part of time/rollout that fed the vLLM replicas the new weights
+            step_values["time/weight_sync"] = sync_seconds
         sums = [f"loss/{k}" for k in self.loss_names] + ["tokens/response"]
         diagnostics = list(self.method.diagnostics) if self._diagnosed(self.step) else []
         local = None
@@ -233,6 +244,14 @@ class Trainer(TrainingLoop):
             metrics["tokens/response"] *= ps.get_data_parallel_world_size()   # the step's total
             self.share_watch.observe(self.step, metrics)
         return StepResult(self.step, metrics)
+
+
+    def close(self) -> None:
+        """End the vLLM replicas, if any. Last thing in the job: vLLM's shutdown also ends the default process
+        group (generation/vllm_replica.py)."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
 
 
 def build_trainer(cfg: TrainConfig, inputs=None) -> Trainer:

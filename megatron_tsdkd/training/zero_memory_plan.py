@@ -28,7 +28,7 @@ from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec
 from megatron_tsdkd.training.memory_plan import (GIB, LOSS_CHUNK_COPIES, RUNTIME_RESERVE, MemoryPlan, PlanInputs,
                                                  Row, layer_parameters, layer_saved_activations, stage_end_activations,
-                                                 stage_parameters, layer_working_set)
+                                                 stage_parameters, layer_working_set, vllm_replica_rows)
 
 ZERO_OPTIMIZER_BYTES = 16       # fp32 master + Adam moments + fp32 gradient partition, per parameter (bf16/fp16)
 GATHERED_BLOCK_BYTES = 4        # ZeRO-3: the largest block's 16-bit weights and gradients, gathered
@@ -117,7 +117,9 @@ def plan_zero_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: Pla
     rows.append(Row("logits + loss chunk buffers",
                     [(1 + len(models)) * tokens * vocab * elem + LOSS_CHUNK_COPIES * chunk * vocab * 4], "train",
                     note=f"full vocabulary, chunk {i.chunk_size}"))
-    if i.rollout:
+    if i.rollout and i.vllm_memory_fraction:
+        rows.extend(vllm_replica_rows(i, 1))
+    elif i.rollout:
         batch = max(1, i.global_batch // i.dp)
         rows.append(Row("student KV cache", [2 * student.num_layers * student.num_query_groups * student.head_dim
                                              * batch * i.rollout_len * elem], "rollout",

@@ -1,0 +1,188 @@
+"""A vLLM engine holding a TP=1 copy of the student inside this training process, for on-policy rollouts.
+
+Every rank of the run builds one, together: vLLM's external-launcher mode (the mode TRL's colocate trainer uses)
+builds its process groups over the torch.distributed world the trainer already started, each rank its own
+replica (vLLM's tensor and pipeline sizes 1). After that a replica generates for its own prompts without any
+collective. Its weights never come from disk: it starts from vLLM's dummy weights and is fed (name, tensor) pairs
+in Hugging Face names by ``load_weights``, vLLM's in-place layer-by-layer reload (which also redoes the backend's
+weight processing: the CPU backend repacks linear weights, so writing into the parameters directly would not do).
+
+Tokens in, tokens out: no tokenizer is loaded; stop ids, the real vocabulary and the sampling settings are the
+trainer's (generation/sampling_config.py), turned into vLLM's ``SamplingParams`` here. Each response is its own
+request with its own seed, so a response depends on its seed and the weights, not on which rank or batch drew it.
+
+vLLM is an optional dependency (``pip install -e ".[vllm]"``): this module imports it only inside functions.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from megatron_tsdkd.generation.generate import GenerationOutput
+from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.runtime.device_choices import vllm_attention_backend, vllm_replica_options
+
+INSTALL_HINT = 'pip install -e ".[vllm]"'
+
+
+def unsupported_reason(hf_config) -> Optional[str]:
+    """Why the student described by ``hf_config`` (a transformers config) cannot roll out on vLLM here, or None.
+    Checked before start (``rollout.engine``): vLLM installed, the architecture in vLLM's model registry, the
+    head size in the list of the attention backend vLLM uses on this device."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError as error:
+        return f"vLLM is not installed ({error}); install it with {INSTALL_HINT}"
+    architectures = getattr(hf_config, "architectures", None) or []
+    supported = set(ModelRegistry.get_supported_archs())
+    if not any(a in supported for a in architectures):
+        return f"vLLM has no model for architectures {architectures or 'none given'}"
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    module, _, name = vllm_attention_backend().rpartition(".")
+    backend = getattr(importlib.import_module(module), name)
+    if not backend.supports_head_size(head_dim):
+        return f"vLLM's attention backend here ({name}) does not support the student's head size {head_dim}"
+    return None
+
+
+def _real_vocabulary_processor(vocab_size: int):
+    """A vLLM logits processor class that sets ids >= ``vocab_size`` (rows no token uses) to -inf for every
+    request, greedy ones too: those rows can be the maximum of an untrained or random model."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class RealVocabulary(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            pass
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            pass
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            logits[:, vocab_size:] = float("-inf")
+            return logits
+
+    return RealVocabulary
+
+
+def _external_launcher_env() -> None:
+    """The variables vLLM's external-launcher mode reads, from the running world where a launcher left them out
+    (the test harness starts its workers without torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")   # keep vLLM from replacing the job's logging set-up
+    import logging
+
+    # Two warnings that are true of every replica here and say nothing to a user: without a tokenizer vLLM's chat
+    # template warm-up fails (a traceback at start), and its in-place reload reports the rotary embedding, which
+    # has no weights, as "Failed to load weights" at every sync.
+    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class VllmReplica:
+    """One vLLM engine with the student's architecture (``hf_dir``: its config.json; weights unused).
+    ``max_model_len``: prompt plus response tokens; ``max_rows``: responses generated at once (sizes the KV
+    cache on CPU); ``memory_fraction``: its share of the GPU."""
+
+    def __init__(self, hf_dir: str, *, dtype: torch.dtype, vocab_size: int, max_model_len: int, max_rows: int,
+                 memory_fraction: float, seed: int = 0):
+        import torch.distributed as dist
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+        reason = unsupported_reason(config)
+        if reason:
+            raise ValueError(f"rollout.engine: {reason}")
+        _external_launcher_env()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+                    * torch.finfo(dtype).bits // 8 * max_model_len * max_rows)
+        extra = {} if vocab_size >= config.vocab_size else {
+            "logits_processors": [_real_vocabulary_processor(vocab_size)]}
+        self.options = vllm_replica_options(memory_fraction, kv_bytes + (16 << 20))
+        self.llm = LLM(
+            model=hf_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=seed,
+            tensor_parallel_size=1, pipeline_parallel_size=1,
+            distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
+            max_model_len=max_model_len, generation_config="vllm", disable_log_stats=True,
+            enable_prefix_caching=True, **self.options, **extra)
+        self.asleep = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # weights and memory
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace every weight with ``weights`` (HF names; consumed one tensor at a time) and forget cached
+        prompts, whose keys and values the old weights computed."""
+        self.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and the weights while the trainer uses the GPU (sleep mode, GPU only); the next
+        ``load_weights`` brings the weights back."""
+        if self.options.get("enable_sleep_mode") and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    @property
+    def weights_lost_when_asleep(self) -> bool:
+        return bool(self.options.get("enable_sleep_mode"))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, eos_token_ids: Iterable[int],
+                 seeds: Sequence[int]) -> GenerationOutput:
+        """``config.num_samples`` responses per prompt, row ``i`` drawn with ``seeds[i]`` (one per response, in
+        GenerationOutput's order); responses keep their EOS token, as generation/generate.py's do."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        n = config.num_samples
+        rows = [list(p) for p in prompts for _ in range(n)]
+        if len(seeds) != len(rows):
+            raise ValueError(f"{len(rows)} responses need as many seeds, got {len(seeds)}")
+        stops = sorted(set(eos_token_ids))
+        common = dict(max_tokens=config.max_new_tokens, stop_token_ids=stops, ignore_eos=False, detokenize=False,
+                      skip_special_tokens=False)
+        if config.greedy:
+            params = [SamplingParams(temperature=0.0, **common)] * len(rows)
+        else:
+            params = [SamplingParams(temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p,
+                                     seed=int(s), **common) for s in seeds]
+        self.wake_up()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        responses, finished = [], []
+        stop_set = set(stops)
+        for out in outputs:
+            tokens = list(out.outputs[0].token_ids)
+            responses.append(tokens)
+            finished.append(bool(tokens) and tokens[-1] in stop_set)
+        return GenerationOutput(responses=responses, prompt_index=[i // n for i in range(len(rows))],
+                                finished=finished)
+
+    def close(self) -> None:
+        """Shut the engine down. vLLM's shutdown also destroys the default process group (its external-launcher
+        world is ours): call it last, after the job's own collectives."""
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            self.llm = None
+            engine.llm_engine.engine_core.shutdown()
+
