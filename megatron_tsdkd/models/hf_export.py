@@ -32,6 +32,16 @@ def written_by_export(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, EXPORT_MARKER))
 
 
+def gathered_shards(local: torch.Tensor, layout, tp: int, group) -> list[torch.Tensor]:
+    """Every TP rank's shard of one parameter (collective over the TP group when the layout splits it; a
+    replicated parameter is the same on every rank), for ``ShardLayout.scatter`` of each rank's layout."""
+    if layout.tp_split and tp > 1:
+        shards = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(shards, local.contiguous(), group=group)
+        return shards
+    return [local] * tp
+
+
 def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
                             assemble: bool = True) -> dict[str, torch.Tensor]:
     """Collective over the TP group: this stage's full HF tensors (empty where ``assemble`` is False)."""
@@ -44,19 +54,14 @@ def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
     per_rank = [model_layouts(model, spec, tp_rank=r) for r in range(tp)]
     hf: dict[str, torch.Tensor] = {}
     for i, layout in enumerate(per_rank[0]):
-        local = params[layout.mcore_name].detach()
-        if layout.tp_split and tp > 1:
-            shards = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(shards, local.contiguous(), group=group)
-        else:
-            shards = [local] * tp
+        shards = gathered_shards(params[layout.mcore_name].detach(), layout, tp, group)
         if not layout.export or not assemble:
             continue
         for r in range(tp if layout.tp_split else 1):
             rank_layout = per_rank[r][i]
             for piece in rank_layout.pieces:
                 if piece.hf_name not in hf:
-                    hf[piece.hf_name] = torch.empty(shapes[piece.hf_name], dtype=dtype or local.dtype)
+                    hf[piece.hf_name] = torch.empty(shapes[piece.hf_name], dtype=dtype or shards[r].dtype)
             rank_layout.scatter(shards[r].cpu(), hf)
     return hf
 

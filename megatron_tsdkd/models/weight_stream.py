@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_tsdkd.models.hf_export import gathered_shards
 from megatron_tsdkd.models.mapping import hf_tensor_shapes, stage_layouts
 from megatron_tsdkd.runtime.collectives import all_gather_objects
 
@@ -49,14 +50,9 @@ def stream_hf_tensors(model, spec) -> Iterator[tuple[str, torch.Tensor]]:
             names = list(dict.fromkeys(p.hf_name for r in range(tp) for p in per_rank[r][i].pieces))
             hf = {n: torch.empty(shapes[n], dtype=sample.dtype, device=sample.device) for n in names}
             if stage == my_stage:
-                local = params[layout.mcore_name].detach().contiguous()
-                if layout.tp_split and tp > 1:
-                    shards = [torch.empty_like(local) for _ in range(tp)]
-                    dist.all_gather(shards, local, group=tp_group)
-                    for r in range(tp):
-                        per_rank[r][i].scatter(shards[r], hf)
-                else:
-                    layout.scatter(local, hf)
+                shards = gathered_shards(params[layout.mcore_name].detach(), layout, tp, tp_group)
+                for r in range(tp if layout.tp_split else 1):
+                    per_rank[r][i].scatter(shards[r], hf)
             for name in names:
                 if pp > 1:
                     dist.broadcast(hf[name], src=stage_ranks[stage], group=pp_group)
