@@ -18,8 +18,9 @@ $(STAMP): setup.py
 .PHONY: install test demo
 install: $(STAMP)
 
+# Two lanes side by side (tests/conftest.py): the tests on the harness's worker pools, and those that launch processes.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # The CPU demo through the same launcher as the Slurm jobs (no Slurm needed): 2 processes, TP=2.
 demo: $(STAMP)

@@ -41,7 +41,7 @@ setup(
         "lm-eval[math,ifeval]>=0.4.13,<0.5",   # tsdkd-eval --tasks (math: minerva_math scoring; ifeval: its checks)
     ],
     extras_require={
-        "dev": ["pytest>=8", "trl>=0.21"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "trl>=0.21"],   # make test: pytest -n 2 (tests/conftest.py)
         "vllm": [vllm_requirement()],   # colocated rollout replicas (generation/vllm_replica.py)
     },
     entry_points={
