@@ -24,10 +24,11 @@ def pytest_xdist_make_scheduler(config, log):
     order: the files that use the harness's worker pools, and the files that launch their own processes (torchrun,
     Slurm jobs, bash scripts). So the pools are spawned once and held by one process, as in a serial run; one Slurm
     cluster is up at a time; and the two lanes fill the two cores that a serial run leaves half idle (its CPU time
-    is ~1.1x its wall time: much of it is one process importing, or waiting for another). Measured on 2 cores: 602
-    s against 843 s serially. Splitting by cost instead (the Slurm and preemption tests first, beside the pools) was
-    slower, 719 s: those tests launch several processes each and slow down most when they share the cores, so they
-    are best left to the end of their lane, where they partly run alone. Other `--dist` modes are left to xdist."""
+    is ~1.1x its wall time: much of it is one process importing, or waiting for another). Measured on 2 idle
+    cores: 602-637 s against 843 s serially. Splitting by cost instead (the Slurm and preemption tests first, beside
+    the pools) was slower, 719 s: those tests launch several processes each and slow down most when they share the
+    cores, so they are best left to the end of their lane, where they partly run alone. Other `--dist` modes are
+    left to xdist."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
