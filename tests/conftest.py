@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 import warnings
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 
+@functools.lru_cache(maxsize=None)
 def _lane(path: str) -> str:
     """The test file's lane: "pools" if it runs code on the harness's worker pools, else "launches"."""
     with open(path) as f:
@@ -33,13 +35,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    lanes: dict[str, str] = {}
-
     class LaneScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = str(config.rootpath / nodeid.split("::", 1)[0])
-            if path not in lanes:
-                lanes[path] = _lane(path)
-            return lanes[path]
+            return _lane(str(config.rootpath / nodeid.split("::", 1)[0]))
 
     return LaneScheduling(config, log)
