@@ -4,7 +4,8 @@ chosen by ``attention_backend``, see attention.py).
 The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron
 parallel_state. Weights are random (or uninitialised with ``perform_initialization=False``); load them with
 ``load_hf_weights`` or ``load_mcore_weights``; their names are the same for every attention backend. Nothing here
-depends on the device: split weights are marked tensor-parallel by ``mark_tensor_parallel_weights`` on every path.
+depends on the device: every tensor is placed on this rank's device (runtime/placement.py) and split weights are
+marked tensor-parallel by ``mark_tensor_parallel_weights`` on every path, whatever the build flags.
 
 Activation recompute (``recompute``) maps onto TransformerConfig:
     none       nothing recomputed
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.models.attention import attention_layer_spec, resolve_attention_backend
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+from megatron_tsdkd.runtime.placement import place_model
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -99,7 +101,8 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     # Random weights are drawn whole on the host and split (megatron's CPU initialisation), so one seed gives the
     # same model in every TP layout (tests, benchmarks, a student trained from scratch); weights that a load will
     # overwrite (perform_initialization=False, models/source.py) are allocated straight on the device and never
-    # initialised. Either way build_model then marks the split weights itself (mark_tensor_parallel_weights).
+    # initialised. Either way build_model then places every tensor on the device (megatron's norms are built on the
+    # host in both cases) and marks the split weights itself (mark_tensor_parallel_weights).
     kwargs.setdefault("use_cpu_initialization", kwargs.get("perform_initialization", True))
     return TransformerConfig(**kwargs)
 
@@ -181,11 +184,11 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
     for module in model.modules():
         if isinstance(module, torch.nn.RMSNorm):
             module.to(params_dtype)
+    # Every tensor to this rank's device, whatever the flags: the norms are torch.nn.RMSNorm built on the host even
+    # when megatron allocates the rest on the device, and a host-built model keeps rotary inv_freq as a plain
+    # attribute that Module.to skips. Before marking: a move may replace Parameter objects (runtime/placement.py).
+    place_model(model)
     mark_tensor_parallel_weights(model)
-    if config.use_cpu_initialization:   # built on the host: to this rank's device (a no-op on CPU)
-        from megatron_tsdkd.runtime import device
-
-        model.to(device())
     return model
 
 

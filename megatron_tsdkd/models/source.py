@@ -21,6 +21,7 @@ from megatron_tsdkd.models.dtypes import SAFETENSORS_DTYPES, default_dtype
 from megatron_tsdkd.models.errors import ModelError
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, read_hf_config
 from megatron_tsdkd.models.mcore_checkpoint import HF_META_DIR, checkpoint_dtype, resolve_checkpoint
+from megatron_tsdkd.runtime.placement import assert_placed
 
 FORMATS = ("auto", "hf", "mcore")
 
@@ -92,8 +93,9 @@ def _read_config(folder: str):
 
 def load_model(source: ModelSource, *, dtype: Optional[torch.dtype] = None, padded_vocab_size: Optional[int] = None,
                **build_kwargs):
-    """This rank's stage of ``source``, weights loaded (collective over the model-parallel group). ``dtype``
-    defaults to the checkpoint's own for megatron checkpoints, else bf16 on GPU and fp32 on CPU."""
+    """This rank's stage of ``source``, weights loaded (collective over the model-parallel group), every tensor on
+    this rank's device. ``dtype`` defaults to the checkpoint's own for megatron checkpoints, else bf16 on GPU and
+    fp32 on CPU."""
     from megatron_tsdkd.models.builder import build_model
     from megatron_tsdkd.models.hf_weights import load_hf_weights
     from megatron_tsdkd.models.mcore_checkpoint import load_mcore_weights
@@ -106,4 +108,5 @@ def load_model(source: ModelSource, *, dtype: Optional[torch.dtype] = None, padd
         load_hf_weights(model, source.weights, source.hf_config)
     else:
         load_mcore_weights(model, source.weights)
+    assert_placed(model)   # the loaders copy into the placed tensors; one that swapped a tensor would show here
     return model
