@@ -77,6 +77,11 @@ class RolloutConfig(SamplingConfig):
     # is installed and supports the student, else megatron (auto; the start-up summary says which)
     engine: str = "megatron"
     vllm_memory_fraction: float = 0.3        # GPU share of each replica (weights + KV cache) while it samples
+    # the rollout guard (training/rollout_guard.py): stop when the engine's log-probabilities of the tokens it
+    # sampled differ from the trainer's by more than max_logprob_diff nats per token (rollout/logprob_diff) on
+    # logprob_diff_patience on-policy steps in a row; patience 0 only logs
+    max_logprob_diff: float = 0.5
+    logprob_diff_patience: int = 3
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +91,9 @@ class RolloutConfig(SamplingConfig):
         require(self.engine in ROLLOUT_ENGINES, "engine", self.engine, f"must be one of {', '.join(ROLLOUT_ENGINES)}")
         require(0.0 < self.vllm_memory_fraction < 1.0, "vllm_memory_fraction", self.vllm_memory_fraction,
                 "must lie in (0, 1)")
+        require(self.max_logprob_diff > 0.0, "max_logprob_diff", self.max_logprob_diff, "must be > 0 (nats)")
+        require(isinstance(self.logprob_diff_patience, int) and self.logprob_diff_patience >= 0,
+                "logprob_diff_patience", self.logprob_diff_patience, "must be an integer >= 0 (0: only log)")
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _decode_runs(path: str) -> dict:
     load_hf_weights(model, path, config)
     greedy = decode([model], PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, greedy=True),
                     lambda logits, done: select_tokens(logits[0], SamplingConfig(greedy=True), VOCAB_SIZE, None),
-                    eos_token_ids=(), pad_token_id=PAD)[0]
+                    eos_token_ids=(), pad_token_id=PAD, vocab_size=VOCAB_SIZE)[0]
     # stop tokens that end the rows at different steps before MAX_NEW: each greedy row's 3rd token, and a fifth
     # of the vocabulary for the sampled rows
     eos = sorted({int(row[2]) for row in greedy} | set(range(50, 50 + VOCAB_SIZE // 5)))
@@ -66,9 +66,9 @@ def _decode_runs(path: str) -> dict:
                 setattr(torch.Tensor, name, counting(name))
             torch.multinomial = forbidden
             try:
-                tokens, lengths, done = decode(
+                tokens, lengths, done, _ = decode(
                     [model], PROMPTS, cfg, lambda logits, done: select_tokens(logits[0], cfg, VOCAB_SIZE, generator),
-                    eos_token_ids=eos, pad_token_id=PAD)
+                    eos_token_ids=eos, pad_token_id=PAD, vocab_size=VOCAB_SIZE)
             finally:
                 for name, fn in originals.items():
                     setattr(torch.Tensor, name, fn)

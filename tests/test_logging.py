@@ -153,6 +153,12 @@ def test_warning_filters_hide_only_what_a_user_cannot_act_on(monkeypatch):
         ("When using async grad allreduce it is recommended to set the environment variable "
          "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup", UserWarning, "megatron.core.tensor_parallel.layers",
          False),
+        ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
+         "megatron_tsdkd.runtime.cpu_shim", True),
+        ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
+         "torch.distributed._shard.sharded_tensor", True),
+        ("`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` instead",
+         FutureWarning, "vllm.triton_utils.dispatcher", True),
     ]
     for message, category, module, everywhere in library:
         assert not shown(True, message, category, module), message
@@ -167,6 +173,51 @@ def test_warning_filters_hide_only_what_a_user_cannot_act_on(monkeypatch):
         assert shown(True, message, category, module) and shown(False, message, category, module), message
     monkeypatch.setattr(sys, "warnoptions", ["default"])   # -W / PYTHONWARNINGS: the user's filters rule
     assert not filters.install(cpu=True)
+
+
+def test_vllm_start_notes_filtered_and_shown_again_with_pythonwarnings(monkeypatch, capfd):
+    """vLLM's log notes that do not apply (CPU build, eager replica, weightless layers) are dropped at the logger
+    that emits them; others stay; the native NUMA line is dropped from descriptor 2; -W / PYTHONWARNINGS shows all."""
+    import logging
+
+    from megatron_tsdkd.runtime import warnings as filters
+
+    def logged(cpu, name, message):
+        logger = logging.getLogger(name)
+        for f in list(logger.filters):
+            logger.removeFilter(f)
+        filters.install(cpu=cpu)
+        record = logger.makeRecord(name, logging.WARNING, "x.py", 1, message, (), None)
+        return logger.filter(record)
+
+    notes = [("vllm.v1.worker.cpu_worker", "libtcmalloc is not found in LD_PRELOAD. For best performance", False),
+             ("vllm.v1.worker.cpu_worker", "CPU backend doesn't allow to use `torch.set_num_threads` after the thread "
+              "binding, skip it.", False),
+             ("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU backend. Disabling Triton.",
+              False),
+             ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected on x86 CPUs.", False),
+             ("vllm.config.vllm", "Model Runner V2 requires Triton; using the V1 model runner instead.", False),
+             ("vllm.config.vllm", "Enforce eager set, disabling torch.compile, CUDAGraphs", False),
+             ("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load weights", True),
+             ("vllm.model_executor.model_loader.reload.layerwise", "ParallelLMHead: Failed to load weights", True)]
+    for name, message, everywhere in notes:
+        assert not logged(True, name, message), message
+        assert logged(False, name, message) != everywhere, message
+    for name, message in (("vllm.model_executor.model_loader.reload.layerwise", "QKVParallelLinear: Failed to load "
+                           "weights"), ("vllm.v1.worker.cpu_worker", "Node 1 is not in available memory nodes [0]."),
+                          ("vllm.config.vllm", "some new note")):
+        assert logged(True, name, message), message
+
+    import os
+    capfd.readouterr()
+    with filters.native_stderr_filtered():
+        os.write(2, b"[rank0]:[W1206 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory\n")
+        os.write(2, b"a native line that stays\n")
+    assert capfd.readouterr().err == "a native line that stays\n"
+    monkeypatch.setattr(sys, "warnoptions", ["default"])   # -W / PYTHONWARNINGS: everything shows
+    with filters.native_stderr_filtered():
+        os.write(2, b"Warning: NUMA binding: Using MEMBIND policy\n")
+    assert "NUMA binding" in capfd.readouterr().err
 
 
 def test_print_config_and_dry_run_errors_in_one_line(workdir, tmp_path, monkeypatch, capsys):

@@ -30,9 +30,24 @@ STAT_ROWS = 2000
 _replicas: dict = {}   # per worker process: hf dir -> VllmReplica (see the module docstring)
 
 
+# The students users have: tied embeddings (every small Qwen2.5 / Qwen3, the paper's 1.5B student), untied ones
+# (Llama 3, larger Qwen): vLLM keeps processed copies of some weights (its CPU build packs the output layer), and a
+# tied output layer is never named in the weights it is fed.
+STUDENTS = {"qwen2_tied": ("qwen2", True), "qwen2": ("qwen2", False), "qwen3_tied": ("qwen3", True),
+            "llama": ("llama", False)}
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     return make_tiny_hf_model("qwen2", str(tmp_path_factory.mktemp("vllm") / "qwen2"), seed=21, **HEAD_DIM_64)
+
+
+@pytest.fixture(scope="module")
+def student_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("vllm_students")
+    return {name: make_tiny_hf_model(arch, str(root / name), tie=tie, seed=31 + i, **HEAD_DIM_64,
+                                     **({"head_dim": 64} if arch != "qwen2" else {}))
+            for i, (name, (arch, tie)) in enumerate(STUDENTS.items())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,18 +76,24 @@ def _megatron_rollouts(model, path: str):
 
 def _large_lr_step(model) -> None:
     """One SGD step with learning rate 50 on seeded gradients: replicated weights get the same gradient on every
-    TP rank (seeded by name), split ones a different one per rank."""
+    TP rank (seeded by name), split ones a different one per rank; a tied embedding's copy on the last pipeline
+    stage gets its embedding's (megatron's embedding group all-reduces their gradients, so they stay equal)."""
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     for name, param in model.named_parameters():
         split = getattr(param, "tensor_model_parallel", False)
-        g = torch.Generator().manual_seed(sum(map(ord, name)) + (1000 * tp_rank if split else 0))
+        key = "shared_embedding" if getattr(param, "shared_embedding", False) else name
+        g = torch.Generator().manual_seed(sum(map(ord, key)) + (1000 * tp_rank if split else 0))
         param.grad = 0.002 * torch.randn(param.shape, generator=g).to(param.dtype)
     torch.optim.SGD(model.parameters(), lr=50.0).step()
 
 
-def _greedy_before_and_after_a_step(path: str) -> dict:
+def _greedy_before_and_after_a_step(paths: dict) -> dict:
+    return {name: _greedy_of_one_student(path) for name, path in paths.items()}
+
+
+def _greedy_of_one_student(path: str) -> dict:
     from megatron_tsdkd.generation import generate
     from test_generation import _load
 
@@ -112,16 +133,20 @@ def _one_token_counts(path: str, settings: dict) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
-def test_vllm_greedy_equals_megatron_decode_and_follows_a_large_lr_step(tiny_dir, tp, pp):
-    results = run_parallel(_greedy_before_and_after_a_step, tiny_dir, world_size=2, tp=tp, pp=pp)
-    for rank, r in enumerate(results):
-        assert r["vllm"] == r["megatron"], f"rank {rank}: vLLM {r['vllm']} != megatron {r['megatron']}"
-        assert r["vllm_after"] == r["megatron_after"], f"rank {rank} after the step"
-        assert r["megatron_after"] != r["megatron"], "the step must change the greedy responses"
-        assert r["finished"] == [bool(x) and x[-1] == EOS for x in r["vllm"]]
-        assert all(t < REAL_VOCAB for row in r["vllm"] + r["vllm_after"] for t in row)
-        assert r["sync_seconds"] > 0
-    assert results[0]["vllm"] == results[1]["vllm"]   # both ranks hold the group's (or their DP rank's) rows
+def test_vllm_greedy_equals_megatron_decode_and_follows_a_large_lr_step(student_dirs, tp, pp):
+    """Tied and untied Qwen2, a tied Qwen3 and an untied Llama: the replica's greedy responses are our decode's,
+    token for token, before and after a step that changes them."""
+    results = run_parallel(_greedy_before_and_after_a_step, student_dirs, world_size=2, tp=tp, pp=pp)
+    for name in STUDENTS:
+        for rank, per_student in enumerate(results):
+            r = per_student[name]
+            assert r["vllm"] == r["megatron"], f"{name} rank {rank}: vLLM {r['vllm']} != megatron {r['megatron']}"
+            assert r["vllm_after"] == r["megatron_after"], f"{name} rank {rank} after the step"
+            assert r["megatron_after"] != r["megatron"], f"{name}: the step must change the greedy responses"
+            assert r["finished"] == [bool(x) and x[-1] == EOS for x in r["vllm"]]
+            assert all(t < REAL_VOCAB for row in r["vllm"] + r["vllm_after"] for t in row)
+            assert r["sync_seconds"] > 0
+        assert results[0][name]["vllm"] == results[1][name]["vllm"]   # both ranks: the group's (or DP rank's) rows
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9)],

@@ -32,13 +32,17 @@ class TrainingBatch:
     position_ids: torch.Tensor      # [B, L] long
     prompt_lengths: torch.Tensor    # [B] long
     lengths: torch.Tensor           # [B] long, prompt + response tokens
+    # [B, L] float: on response targets, the log-probability the rollout engine gave that token when it sampled it
+    # (GenerationOutput.logprobs); 0 elsewhere. None for data not sampled by the student (off-policy steps).
+    rollout_logprobs: Optional[torch.Tensor] = None
 
     @property
     def num_targets(self) -> int:
         return int(self.loss_mask.sum().item())
 
     def to(self, device) -> "TrainingBatch":
-        return TrainingBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TrainingBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                for f in fields(self)})
 
 
 @dataclass
@@ -73,10 +77,12 @@ def response_weights(examples: Sequence[TokenizedExample]) -> Optional[list[list
 
 
 def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id: int, pad_to: Optional[int] = None,
-                     pad_to_multiple_of: int = 1) -> TrainingBatch:
+                     pad_to_multiple_of: int = 1,
+                     logprobs: Optional[Sequence[Sequence[float]]] = None) -> TrainingBatch:
     """(prompt ids, response ids[, response weights]) tuples or ``TokenizedExample``s -> a right-padded
     ``TrainingBatch``. Response weights (floats, one per response token) become ``loss_mask`` values as they are;
-    without them every response target weighs 1.0."""
+    without them every response target weighs 1.0. ``logprobs``: the rollout engine's log-probability of each
+    response token, one row per example (``TrainingBatch.rollout_logprobs``)."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     rows = [(e.prompt_ids, e.response_ids, getattr(e, "response_weights", None)) if isinstance(e, TokenizedExample)
@@ -96,6 +102,16 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
             if len(weights) != len(response):
                 raise ValueError(f"row {row}: {len(weights)} response weights for {len(response)} response tokens")
             loss_mask[row, len(prompt) - 1:len(ids) - 1] = torch.tensor(list(weights), dtype=torch.float32)
+    rollout_logprobs = None
+    if logprobs is not None:
+        if len(logprobs) != len(rows):
+            raise ValueError(f"{len(logprobs)} log-probability rows for {len(rows)} examples")
+        rollout_logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+        for row, ((prompt, response, _), scores) in enumerate(zip(rows, logprobs)):
+            if len(scores) != len(response):
+                raise ValueError(f"row {row}: {len(scores)} log-probabilities for {len(response)} response tokens")
+            rollout_logprobs[row, len(prompt) - 1:len(prompt) + len(response) - 1] = torch.tensor(
+                list(scores), dtype=torch.float32)
     return TrainingBatch(
         input_ids=input_ids[:, :width].contiguous(),
         labels=input_ids[:, 1:].contiguous(),
@@ -103,15 +119,18 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
         position_ids=torch.arange(width, dtype=torch.long).expand(len(rows), width).contiguous(),
         prompt_lengths=torch.tensor([len(p) for p, _, _ in rows], dtype=torch.long),
         lengths=torch.tensor(lengths, dtype=torch.long),
+        rollout_logprobs=rollout_logprobs,
     )
 
 
 def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_length: int,
                   device=None, weights: Optional[Sequence[Sequence[float]]] = None,
-                  sort_by_length: bool = False) -> tuple[list[TrainingBatch], int]:
+                  sort_by_length: bool = False,
+                  logprobs: Optional[Sequence[Sequence[float]]] = None) -> tuple[list[TrainingBatch], int]:
     """One optimizer step's (prompt, response) pairs -> micro-batches of ``micro_size`` rows, each right-padded to
     ITS OWN longest row, and the longest width of the step. Responses are cut so a row holds at most ``max_length``
-    tokens. ``weights``: optional float loss weights per response token of each pair, cut with their responses.
+    tokens. ``weights``: optional float loss weights per response token of each pair, cut with their responses;
+    ``logprobs``: optional rollout log-probabilities per response token (``TrainingBatch.rollout_logprobs``), alike.
 
     Micro-batches of different widths are what the trainer's schedule expects: at PP > 1 the co-located stage
     asks megatron-core for variable sequence lengths (training/colocation.py), which sends each activation's shape
@@ -120,17 +139,21 @@ def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_leng
     so rows of similar length share a micro-batch (less padding still); the trainer's per-token normalisation
     keeps token-decomposable losses unchanged, but per-micro-batch quantities (TSD-KD's entropy set and opener)
     see other neighbours."""
-    if weights is not None and len(weights) != len(pairs):
-        raise ValueError(f"{len(weights)} weight rows for {len(pairs)} pairs")
+    for name, rows in (("weight", weights), ("log-probability", logprobs)):
+        if rows is not None and len(rows) != len(pairs):
+            raise ValueError(f"{len(rows)} {name} rows for {len(pairs)} pairs")
     cut = [max(max_length - len(p), 0) for p, _ in pairs]
     if weights is None:
         pairs = [(p, list(r)[:c]) for (p, r), c in zip(pairs, cut)]
     else:
         pairs = [(p, list(r)[:c], list(w)[:c]) for (p, r), w, c in zip(pairs, weights, cut)]
+    scores = None if logprobs is None else [list(s)[:c] for s, c in zip(logprobs, cut)]
+    order = list(range(len(pairs)))
     if sort_by_length:   # stable: rows of equal length keep their order
-        pairs = sorted(pairs, key=lambda row: len(row[0]) + len(row[1]))
-    batches = [collate_training(pairs[start:start + micro_size], pad_id)
-               for start in range(0, len(pairs), micro_size)]
+        order.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    batches = [collate_training([pairs[i] for i in rows], pad_id,
+                                logprobs=None if scores is None else [scores[i] for i in rows])
+               for rows in (order[start:start + micro_size] for start in range(0, len(order), micro_size))]
     length = max(b.input_ids.shape[1] for b in batches)
     return [b.to(device) for b in batches] if device is not None else batches, length
 

@@ -55,7 +55,7 @@ class CoSampling:
 class CoGenerationOutput(GenerationOutput):
     # per row: tokens the teacher chose (speculative: replaced proposals; mixture: 0); counted on the last
     # pipeline stage (0 on the others)
-    teacher_tokens: list[int]
+    teacher_tokens: list[int] = dataclasses.field(default_factory=list)
 
 
 def _distribution(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
@@ -105,6 +105,6 @@ def co_generate(student, teacher, prompts: list[list[int]], config: SamplingConf
             return new
         return mixture_tokens(s, t, config, rule.mix_alpha, generators[0])
 
-    tokens, lengths, done = decode([student, teacher], prompts, config, pick, eos_token_ids=eos_token_ids,
-                                   pad_token_id=pad_token_id)
-    return CoGenerationOutput(**output_fields(tokens, lengths, done, config), teacher_tokens=teacher_tokens.tolist())
+    decoded = decode([student, teacher], prompts, config, pick, eos_token_ids=eos_token_ids,
+                     pad_token_id=pad_token_id, vocab_size=vocab_size)   # log-probabilities: the student's
+    return CoGenerationOutput(**output_fields(*decoded, config), teacher_tokens=teacher_tokens.tolist())

@@ -15,7 +15,7 @@ picked from the student's and the teacher's logits together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_tsdkd.generation.padded_batch import PaddedBatch
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
 from megatron_tsdkd.generation.stage_forward import padding_aware_attention, stage_forward
-from megatron_tsdkd.generation.token_selection import select_tokens
+from megatron_tsdkd.generation.token_selection import log_probs_of, select_tokens
 
 
 @dataclass
@@ -31,6 +31,11 @@ class GenerationOutput:
     responses: list[list[int]]   # row i = prompt i // num_samples, sample i % num_samples; EOS kept when produced
     prompt_index: list[int]      # the prompt each response answers
     finished: list[bool]         # True where the row ended with an EOS token, False where max_new_tokens cut it
+    # per response token: its log-probability under the sampling model (the student) at temperature 1 over the real
+    # vocabulary, whatever the sampling settings: what the trainer's forward gives the same token (the rollout
+    # guard compares them, training/rollout_guard.py). Our decode has them on the last pipeline stage only (where
+    # the losses run; None on the others); a vLLM replica on every rank.
+    logprobs: Optional[list[list[float]]] = None
 
 
 def _broadcast_new_tokens(new: torch.Tensor, sampled: bool) -> torch.Tensor:
@@ -57,10 +62,11 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, *, eos_tok
     of one step are made for the whole batch at once, so a row's sample also depends on the batch it is in."""
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(int(generator_seed))
-    tokens, lengths, done = decode([model], prompts, config, lambda logits, done: select_tokens(
-        logits[0], config, vocab_size, generator), eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-        use_kv_cache=use_kv_cache)
-    return GenerationOutput(**output_fields(tokens, lengths, done, config))
+    decoded = decode([model], prompts, config, lambda logits, done: select_tokens(logits[0], config, vocab_size,
+                                                                                 generator),
+                     eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                     use_kv_cache=use_kv_cache)
+    return GenerationOutput(**output_fields(*decoded, config))
 
 
 def _device(model) -> torch.device:
@@ -70,13 +76,15 @@ def _device(model) -> torch.device:
 
 
 def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eos_token_ids: Iterable[int],
-           pad_token_id: int, use_kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           pad_token_id: int, vocab_size: int,
+           use_kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The decoding loop every generator shares: the models (co-located, each with its own KV cache) run the new
     column stage by stage; on the last pipeline stage ``pick(logits, done)`` turns their next-token logits (one
     [b, V] tensor per model) into ids [b]; the ids reach every rank; a row stops at its EOS. Returns the
-    generated columns [b, max_new_tokens], each row's response length and whether it ended with an EOS. Nothing
-    in a step reads a device value back to the host, except the stop check every ``config.stop_check_interval``
-    tokens."""
+    generated columns [b, max_new_tokens], each row's response length, whether it ended with an EOS, and on the
+    last stage (None elsewhere) each new token's log-probability under the first model at temperature 1 over the
+    real vocabulary (``vocab_size`` ids). Nothing in a step reads a device value back to the host, except the
+    stop check every ``config.stop_check_interval`` tokens."""
     from contextlib import ExitStack
 
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -91,6 +99,7 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
     contexts = [StaticInferenceContext(len(rows), total) for _ in models]
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     lengths = torch.full((len(rows),), config.max_new_tokens, dtype=torch.long, device=device)
+    logprobs = None
 
     with ExitStack() as stack:
         for model in models:
@@ -111,6 +120,10 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
             else:
                 new = torch.empty(len(rows), dtype=torch.long, device=device)
             new = _broadcast_new_tokens(new, sampled=not config.greedy)
+            if logits[0] is not None:   # the last stage: the draw every rank now holds, scored by the first model
+                if logprobs is None:
+                    logprobs = torch.zeros(len(rows), config.max_new_tokens, dtype=torch.float32, device=device)
+                logprobs[:, step] = log_probs_of(logits[0][:, :vocab_size], new)
             new = torch.where(done, torch.full_like(new, pad_token_id), new)
             batch.tokens[:, known] = new
             stops = ~done & torch.isin(new, eos)
@@ -120,11 +133,14 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
             # stop together. Finished rows meanwhile get padding and keep their length: same outputs.
             if (step + 1) % config.stop_check_interval == 0 and bool(done.all()):
                 break
-    return batch.tokens[:, batch.prompt_len:], lengths, done
+    return batch.tokens[:, batch.prompt_len:], lengths, done, logprobs
 
 
-def output_fields(tokens: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, config: SamplingConfig) -> dict:
+def output_fields(tokens: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, logprobs: Optional[torch.Tensor],
+                  config: SamplingConfig) -> dict:
     """GenerationOutput's fields from ``decode``'s tensors (the host copy the caller needs anyway)."""
     generated, lengths_list = tokens.tolist(), lengths.tolist()
+    scores = logprobs.tolist() if logprobs is not None else None
     return dict(responses=[generated[i][:lengths_list[i]] for i in range(len(generated))],
-                prompt_index=[i // config.num_samples for i in range(len(generated))], finished=done.tolist())
+                prompt_index=[i // config.num_samples for i in range(len(generated))], finished=done.tolist(),
+                logprobs=None if scores is None else [scores[i][:n] for i, n in enumerate(lengths_list)])

@@ -48,6 +48,11 @@ def sample_from_logits(logits: torch.Tensor, config: SamplingConfig, generator: 
     return draw(logits.softmax(dim=-1), generator)
 
 
+def log_probs_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] per row, in fp32: ``logits`` [b, V] (the real vocabulary), ``ids`` [b]."""
+    return logits.float().log_softmax(dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+
+
 def select_tokens(logits: torch.Tensor, config: SamplingConfig, vocab_size: int,
                   generator: torch.Generator) -> torch.Tensor:
     """Next ids [b] from full-vocabulary logits [b, V_padded]: the first maximum when greedy, else a draw."""

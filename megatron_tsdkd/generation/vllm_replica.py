@@ -7,15 +7,27 @@ collective. Its weights never come from disk: it starts from vLLM's dummy weight
 in Hugging Face names by ``load_weights``, vLLM's in-place layer-by-layer reload (which also redoes the backend's
 weight processing: the CPU backend repacks linear weights, so writing into the parameters directly would not do).
 
-Tokens in, tokens out: no tokenizer is loaded; stop ids, the real vocabulary and the sampling settings are the
-trainer's (generation/sampling_config.py), turned into vLLM's ``SamplingParams`` here. Each response is its own
-request with its own seed, so a response depends on its seed and the weights, not on which rank or batch drew it.
+Two things the reload alone gets wrong, handled here:
+- A layer whose weight is another layer's (a tied output layer: every small Qwen2.5 / Qwen3) is never named in
+  the weights (vLLM's loader skips ``lm_head.weight`` when tied), so the reload never re-processes it: its
+  parameter gets the new values through the embedding, but whatever its backend derived from the start-up
+  weights stays (the CPU build's packed output matrix: greedy decoding of noise, measured on a real
+  Qwen2.5-Coder-0.5B). ``_reprocess_shared_weights`` redoes the processing of every layer that shares a weight.
+- The real vocabulary: the replica is built with exactly the tokenizer's rows (``hf_overrides``), and the
+  vocabulary tensors it is fed are cut to them, so ids beyond it (rows no token uses) can never be drawn and
+  the log-probabilities it reports are over the same vocabulary as the trainer's (the rollout guard compares them).
+
+Tokens in, tokens out: no tokenizer is loaded; stop ids and the sampling settings are the trainer's
+(generation/sampling_config.py), turned into vLLM's ``SamplingParams`` here. Each response is its own request with
+its own seed, so a response depends on its seed and the weights, not on which rank or batch drew it. With each
+token comes its log-probability under the replica's weights at temperature 1 (vLLM's raw log-probabilities).
 
 vLLM is an optional dependency (``pip install -e ".[vllm]"``): this module imports it only inside functions.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -23,7 +35,9 @@ import torch
 
 from megatron_tsdkd.generation.generate import GenerationOutput
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.models.mapping import VOCABULARY_TENSORS
 from megatron_tsdkd.runtime.device_choices import vllm_attention_backend, vllm_replica_options
+from megatron_tsdkd.runtime.warnings import native_stderr_filtered
 
 INSTALL_HINT = 'pip install -e ".[vllm]"'
 
@@ -48,26 +62,19 @@ def unsupported_reason(hf_config) -> Optional[str]:
     return None
 
 
-def _real_vocabulary_processor(vocab_size: int):
-    """A vLLM logits processor class that sets ids >= ``vocab_size`` (rows no token uses) to -inf for every
-    request, greedy ones too: those rows can be the maximum of an untrained or random model."""
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-
-    class RealVocabulary(LogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory):
-            pass
-
-        def is_argmax_invariant(self) -> bool:
-            return False
-
-        def update_state(self, batch_update) -> None:
-            pass
-
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            logits[:, vocab_size:] = float("-inf")
-            return logits
-
-    return RealVocabulary
+def _reprocess_shared_weights(worker) -> int:
+    """Runs inside vLLM's worker (``collective_rpc``): redo the backend's weight processing of every layer that
+    shares a weight with another (module docstring); the number of layers redone. A no-op where the backend keeps
+    no processed copy (the unquantized GPU layers)."""
+    sharing: dict[int, list] = {}
+    for module in worker.model_runner.get_model().modules():
+        if getattr(module, "quant_method", None) is not None:
+            for param in module.parameters(recurse=False):
+                sharing.setdefault(id(param), []).append(module)
+    layers = {id(m): m for group in sharing.values() if len(group) > 1 for m in group}
+    for module in layers.values():
+        module.quant_method.process_weights_after_loading(module)
+    return len(layers)
 
 
 def _external_launcher_env() -> None:
@@ -79,13 +86,8 @@ def _external_launcher_env() -> None:
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")   # keep vLLM from replacing the job's logging set-up
-    import logging
-
-    # Two warnings that are true of every replica here and say nothing to a user: without a tokenizer vLLM's chat
-    # template warm-up fails (a traceback at start), and its in-place reload reports the rotary embedding, which
-    # has no weights, as "Failed to load weights" at every sync.
-    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Without a tokenizer vLLM's chat template warm-up fails (a traceback at start): true of every replica here.
+    logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
 
 
 class VllmReplica:
@@ -107,15 +109,15 @@ class VllmReplica:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
                     * torch.finfo(dtype).bits // 8 * max_model_len * max_rows)
-        extra = {} if vocab_size >= config.vocab_size else {
-            "logits_processors": [_real_vocabulary_processor(vocab_size)]}
+        self.vocab_size = vocab_size
         self.options = vllm_replica_options(memory_fraction, kv_bytes + (16 << 20))
-        self.llm = LLM(
-            model=hf_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=seed,
-            tensor_parallel_size=1, pipeline_parallel_size=1,
-            distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
-            max_model_len=max_model_len, generation_config="vllm", disable_log_stats=True,
-            enable_prefix_caching=True, **self.options, **extra)
+        with native_stderr_filtered():   # the CPU build's native start-up note (runtime/warnings.py)
+            self.llm = LLM(
+                model=hf_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=seed,
+                tensor_parallel_size=1, pipeline_parallel_size=1,
+                distributed_executor_backend="external_launcher" if dist.is_initialized() else "uni",
+                max_model_len=max_model_len, generation_config="vllm", disable_log_stats=True,
+                enable_prefix_caching=True, hf_overrides={"vocab_size": vocab_size}, **self.options)
         self.asleep = False
 
     # ----------------------------------------------------------------------------------------------------------
@@ -125,8 +127,9 @@ class VllmReplica:
         """Replace every weight with ``weights`` (HF names; consumed one tensor at a time) and forget cached
         prompts, whose keys and values the old weights computed."""
         self.wake_up()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
-                                                          "is_checkpoint_format": True})
+        cut = ((name, tensor[:self.vocab_size] if name in VOCABULARY_TENSORS else tensor) for name, tensor in weights)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cut, "is_checkpoint_format": True})
+        self.llm.collective_rpc(_reprocess_shared_weights)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -151,7 +154,8 @@ class VllmReplica:
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, eos_token_ids: Iterable[int],
                  seeds: Sequence[int]) -> GenerationOutput:
         """``config.num_samples`` responses per prompt, row ``i`` drawn with ``seeds[i]`` (one per response, in
-        GenerationOutput's order); responses keep their EOS token, as generation/generate.py's do."""
+        GenerationOutput's order), each token with its log-probability at temperature 1; responses keep their EOS
+        token, as generation/generate.py's do."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -161,7 +165,7 @@ class VllmReplica:
             raise ValueError(f"{len(rows)} responses need as many seeds, got {len(seeds)}")
         stops = sorted(set(eos_token_ids))
         common = dict(max_tokens=config.max_new_tokens, stop_token_ids=stops, ignore_eos=False, detokenize=False,
-                      skip_special_tokens=False)
+                      skip_special_tokens=False, logprobs=0, flat_logprobs=True)   # the sampled token's only
         if config.greedy:
             params = [SamplingParams(temperature=0.0, **common)] * len(rows)
         else:
@@ -169,14 +173,15 @@ class VllmReplica:
                                      seed=int(s), **common) for s in seeds]
         self.wake_up()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
-        responses, finished = [], []
+        responses, finished, logprobs = [], [], []
         stop_set = set(stops)
         for out in outputs:
             tokens = list(out.outputs[0].token_ids)
             responses.append(tokens)
             finished.append(bool(tokens) and tokens[-1] in stop_set)
+            logprobs.append(list(out.outputs[0].logprobs.logprobs))   # FlatLogprobs: one value per token here
         return GenerationOutput(responses=responses, prompt_index=[i // n for i in range(len(rows))],
-                                finished=finished)
+                                finished=finished, logprobs=logprobs)
 
     def close(self) -> None:
         """Shut the engine down. vLLM's shutdown also destroys the default process group (its external-launcher

@@ -78,23 +78,25 @@ class VllmRollouts:
 
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, eos_token_ids: Iterable[int],
                  generator_seed: int) -> tuple[GenerationOutput, float]:
-        """``config.num_samples`` responses per prompt for this data-parallel rank (GenerationOutput's order),
-        identical on every rank of the model-parallel group; and the seconds the weight sync took."""
+        """``config.num_samples`` responses per prompt for this data-parallel rank (GenerationOutput's order), with
+        their log-probabilities, identical on every rank of the model-parallel group; and the seconds the weight
+        sync took."""
         sync_seconds = self.sync()
         n = config.num_samples
         mine = _share(len(prompts), self.parts, self.index)
         seeds = [derive_seed(generator_seed, row) for p in mine for row in range(p * n, (p + 1) * n)]
         try:
             out = (self.replica.generate([prompts[p] for p in mine], config, eos_token_ids=eos_token_ids,
-                                         seeds=seeds) if len(mine) else GenerationOutput([], [], []))
+                                         seeds=seeds) if len(mine) else GenerationOutput([], [], [], []))
             self.replica.sleep()
         except Exception as error:   # noqa: BLE001 - any failure inside vLLM ends the run with one line
             raise _engine_failure("sampling", error) from error
-        shares = all_gather_objects((out.responses, out.finished), group=self.group) if self.parts > 1 else [
-            (out.responses, out.finished)]
-        responses = [r for rows, _ in shares for r in rows]
-        finished = [f for _, flags in shares for f in flags]
-        return GenerationOutput(responses, [i // n for i in range(len(responses))], finished), sync_seconds
+        mine = (out.responses, out.finished, out.logprobs or [])
+        shares = all_gather_objects(mine, group=self.group) if self.parts > 1 else [mine]
+        responses = [r for rows, _, _ in shares for r in rows]
+        finished = [f for _, flags, _ in shares for f in flags]
+        logprobs = [s for _, _, scores in shares for s in scores]
+        return GenerationOutput(responses, [i // n for i in range(len(responses))], finished, logprobs), sync_seconds
 
     def close(self) -> None:
         self.replica.close()

@@ -24,6 +24,9 @@ import torch
 
 from megatron_tsdkd.models.hf_config import ArchSpec
 
+EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"
+VOCABULARY_TENSORS = (EMBEDDING, OUTPUT)   # the HF tensors with one row per vocabulary entry
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -74,9 +77,9 @@ def hf_tensor_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this architecture holds, with its full shape."""
     h, hd, ffn = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
     q, kv = spec.num_heads * hd, spec.num_query_groups * hd
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
+    shapes = {EMBEDDING: (spec.vocab_size, h), "model.norm.weight": (h,)}
     if not spec.tie_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, h)
+        shapes[OUTPUT] = (spec.vocab_size, h)
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -150,8 +153,7 @@ def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Seque
     shapes = hf_tensor_shapes(spec)
     out: list[ShardLayout] = []
     if pre_process:
-        out.append(_vocab_rows("embedding.word_embeddings.weight", "model.embed_tokens.weight", spec, padded_vocab,
-                               tp_rank, tp))
+        out.append(_vocab_rows("embedding.word_embeddings.weight", EMBEDDING, spec, padded_vocab, tp_rank, tp))
     for local, i in enumerate(layer_numbers):
         m, p = f"decoder.layers.{local}.", f"model.layers.{i}."
         out.append(_replicated(m + "input_layernorm.weight", p + "input_layernorm.weight", (h,)))
@@ -170,8 +172,8 @@ def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Seque
         out.append(_replicated("decoder.final_layernorm.weight", "model.norm.weight", (h,)))
         if has_output_weight:
             tied = spec.tie_embeddings
-            out.append(_vocab_rows("output_layer.weight", "model.embed_tokens.weight" if tied else "lm_head.weight",
-                                   spec, padded_vocab, tp_rank, tp, export=not tied))
+            out.append(_vocab_rows("output_layer.weight", EMBEDDING if tied else OUTPUT, spec, padded_vocab, tp_rank,
+                                   tp, export=not tied))
     return out
 
 

@@ -6,12 +6,23 @@ user can act on stays visible: a config key we ignore, a tokenizer problem, anyt
 CPU shim's artefact below, and on GPU megatron-core's notes that Transformer Engine / Apex are missing (installing
 them gives fused kernels) or that CUDA_DEVICE_MAX_CONNECTIONS should be 1.
 
-To see every warning (debugging a library), pass any ``-W`` option or set ``PYTHONWARNINGS`` (e.g.
-``PYTHONWARNINGS=default``): ``install()`` then leaves the filters as Python set them.
+Three kinds of notes: Python warnings (``FILTERS``); log records of libraries that log their notes instead
+(``LOG_FILTERS``: vLLM's start-up notes, each a logging.Filter on the logger that emits it); and lines that native
+code writes straight to the stderr file descriptor, past Python (``NATIVE_LINES``; only while a library starts,
+``native_stderr_filtered``, which captures descriptor 2 and writes back every other line when the block ends).
+
+To see every note (debugging a library), pass any ``-W`` option or set ``PYTHONWARNINGS`` (e.g.
+``PYTHONWARNINGS=default``): ``install()`` then leaves the filters as Python set them, adds no log filter, and
+``native_stderr_filtered`` captures nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 import sys
+import tempfile
 import warnings
 from typing import NamedTuple, Optional
 
@@ -51,7 +62,57 @@ FILTERS = (
     Filter(r"When using (async grad allreduce|sequence parallelism) it is recommended to set the environment "
            r"variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core", True,
            "a CUDA setting on a CPU run"),
+    # megatron-core's dist_checkpointing builds torch ShardedTensors (every checkpoint save, load and conversion);
+    # torch deprecates the class. On CPU the shim's TorchFunctionMode forwards the call, so torch attributes the
+    # note to the shim. Only a megatron-core release can change it.
+    Filter(r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
+           r"(megatron_tsdkd\.runtime\.cpu_shim|megatron\.core|torch\.distributed)", False,
+           "torch deprecations of classes megatron-core's checkpoints use"),
+    # vLLM's kernel dispatcher walks torch.distributed's attributes when it starts, touching the deprecated alias.
+    Filter(r"`torch\.distributed\.reduce_op` is deprecated", FutureWarning, r"vllm\.", False,
+           "torch deprecations touched inside vLLM"),
 )
+
+
+class LogFilter(NamedTuple):
+    logger: str           # the logger that emits the record (vLLM: its module's name)
+    message: str          # regular expression searched in the formatted message
+    cpu_only: bool
+    why: str
+
+
+LOG_FILTERS = (
+    # A CPU replica of the student (tests, the CPU demo) runs vLLM's CPU build eagerly and without Triton, tcmalloc
+    # or Intel OpenMP preloaded: performance notes that do not apply to a rollout replica used for tests; on GPU
+    # none of them is emitted.
+    LogFilter("vllm.v1.worker.cpu_worker", r"is not found in LD_PRELOAD", True, "CPU-build performance hint"),
+    LogFilter("vllm.v1.worker.cpu_worker", r"doesn't allow to use `torch.set_num_threads`", True,
+              "vLLM's CPU worker replaces torch.set_num_threads for the whole process and notes every call"),
+    LogFilter("vllm.triton_utils.importing", r"doesn't include CPU backend", True, "no Triton kernels on CPU"),
+    LogFilter("vllm.platforms.cpu", r"(Triton is not installed|Reset SSM cache type)", True,
+              "CPU-build notes about kernels and model types this project does not use"),
+    LogFilter("vllm.config.vllm", r"(Model Runner V2 requires Triton|Enforce eager set|Inductor compilation was "
+              r"disabled)", True, "the eager CPU replica this project asks for (runtime/device_choices.py)"),
+    # vLLM's in-place reload (every weight sync of a rollout replica) names each layer that received no weights:
+    # the rotary embeddings have none, and a tied output layer's is the embedding's, which
+    # generation/vllm_replica.py re-processes itself. Any other layer's note stays.
+    LogFilter("vllm.model_executor.model_loader.reload.layerwise",
+              r"^\w*(RotaryEmbedding|ParallelLMHead): Failed to load weights", False,
+              "layers without weights of their own, handled by the replica"),
+)
+
+# Lines native code writes to descriptor 2 while vLLM starts: the CPU build binds its memory to the NUMA node
+# (a C++ TORCH_WARN from its OpenMP threads, which torch cannot turn into a Python warning).
+NATIVE_LINES = (r"Warning: NUMA binding: Using MEMBIND policy",)
+
+
+class _Silence(logging.Filter):
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 def install(cpu: Optional[bool] = None) -> bool:
@@ -66,4 +127,40 @@ def install(cpu: Optional[bool] = None) -> bool:
     for f in FILTERS:
         if cpu or not f.cpu_only:
             warnings.filterwarnings("ignore", message=f.message, category=f.category, module=f.module)
+    by_logger: dict[str, list[str]] = {}
+    for f in LOG_FILTERS:
+        if cpu or not f.cpu_only:
+            by_logger.setdefault(f.logger, []).append(f.message)
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _Silence)]:
+            logger.removeFilter(old)
+        logger.addFilter(_Silence(patterns))
     return True
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Run the block with the stderr file descriptor captured; afterwards write back every line but the known
+    harmless ones (``NATIVE_LINES``). Python's own stderr output of the block comes out then too, in order. Nothing
+    is captured when the user chose warning filters (``-W``, ``PYTHONWARNINGS``)."""
+    if sys.warnoptions:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            harmless = re.compile("|".join(NATIVE_LINES))
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not harmless.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

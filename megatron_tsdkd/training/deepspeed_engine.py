@@ -49,7 +49,10 @@ from megatron_tsdkd.methods import build_method
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.runtime.seeds import derive_seed
 from megatron_tsdkd.training.inputs import PreflightError, RunInputs, check_inputs
-from megatron_tsdkd.training.loop import StepResult, TrainingLoop
+from megatron_tsdkd.generation.token_selection import log_probs_of
+from megatron_tsdkd.losses.rollout_drift import rollout_drift
+from megatron_tsdkd.training.loop import Rollout, StepResult, TrainingLoop
+from megatron_tsdkd.training.rollout_guard import RolloutGuard
 from megatron_tsdkd.training.preemption import PreemptionFlag, job_signals_deferred
 
 log = logging.getLogger("megatron_tsdkd.train")
@@ -176,6 +179,8 @@ class DeepSpeedTrainer(TrainingLoop):
         self.loss_names = ("total",) + self.method.logs
         from megatron_tsdkd.training.metrics import ShareWatch
         self.share_watch = ShareWatch(self.method.share_warning())
+        r = cfg.rollout
+        self.guard = RolloutGuard(r.engine, r.max_logprob_diff, r.logprob_diff_patience)
 
         dtype = DTYPES[cfg.precision.dtype]
         torch.manual_seed(cfg.seed)
@@ -317,19 +322,18 @@ class DeepSpeedTrainer(TrainingLoop):
     # ----------------------------------------------------------------------------------------------------------
     # one step
 
-    def _rollout(self, examples) -> tuple[list, bool, float, float]:
-        """The step's (prompt, response) pairs: sampled by the student with probability lambda, else the data's;
-        the seconds the sampling took, and of those the seconds the vLLM weight sync took (0 without vLLM)."""
+    def _rollout(self, examples) -> Rollout:
+        """The step's (prompt, response) pairs: sampled by the student with probability lambda, else the data's."""
         r = self.cfg.rollout
         if random.Random(derive_seed(self.cfg.seed, self.step)).random() >= r.on_policy_prob:
-            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0, 0.0
+            return Rollout([(e.prompt_ids, e.response_ids) for e in examples], on_policy=False)
         seed = derive_seed(self.cfg.seed, self.step, salt=1 + self.rank)
         if self.rollouts is not None:   # the colocated vLLM replica, synced first if the weights moved
             start = time.perf_counter()
             out, sync_seconds = self.rollouts.generate([e.prompt_ids for e in examples], r,
                                                        eos_token_ids=self.tokens.stop_ids, generator_seed=seed)
             pairs = [(examples[i // r.num_samples].prompt_ids, resp) for i, resp in enumerate(out.responses)]
-            return pairs, True, time.perf_counter() - start, sync_seconds
+            return Rollout(pairs, True, time.perf_counter() - start, sync_seconds, out.logprobs)
         from transformers import LogitsProcessor, LogitsProcessorList
 
         from megatron_tsdkd.data.collate import collate_prompts
@@ -352,17 +356,22 @@ class DeepSpeedTrainer(TrainingLoop):
                 max_new_tokens=r.max_new_tokens, do_sample=not r.greedy, num_return_sequences=r.num_samples,
                 eos_token_id=list(self.tokens.stop_ids), pad_token_id=self.tokens.pad_id,
                 logits_processor=LogitsProcessorList([_RealVocabulary()]),
-                synced_gpus=self.cfg.deepspeed.zero_stage == 3 and self.dp_size > 1, **sampling)
+                synced_gpus=self.cfg.deepspeed.zero_stage == 3 and self.dp_size > 1,
+                output_logits=True, return_dict_in_generate=True, **sampling)
+            new = out.sequences[:, prompts.input_ids.shape[1]:]
+            # each token's log-probability at temperature 1 over the real vocabulary, from the raw logits
+            scores = torch.stack([log_probs_of(step[:, :vocab], new[:, j]) for j, step in enumerate(out.logits)], 1)
         self.student.train()
-        pairs = []
-        for i, row in enumerate(out[:, prompts.input_ids.shape[1]:].tolist()):
+        pairs, logprobs = [], []
+        for i, (row, row_scores) in enumerate(zip(new.tolist(), scores.tolist())):
             end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
             response = row[:end] if end is not None else row
             if end is None:
                 while response and response[-1] == self.tokens.pad_id:
                     response = response[:-1]
             pairs.append((examples[i // r.num_samples].prompt_ids, response))
-        return pairs, True, time.perf_counter() - start, 0.0
+            logprobs.append(row_scores[:len(response)])
+        return Rollout(pairs, True, time.perf_counter() - start, 0.0, logprobs)
 
     def _logits(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
@@ -373,16 +382,17 @@ class DeepSpeedTrainer(TrainingLoop):
 
         t0 = time.perf_counter()
         examples = [self.inputs.train[i] for i in self.sampler.next_batch()]
-        pairs, on_policy, rollout_seconds, sync_seconds = self._rollout(examples)
+        rollout = self._rollout(examples)
+        pairs, on_policy = rollout.pairs, rollout.on_policy
         batches, _ = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id, self.cfg.data.max_length,
-                                   self.device)
+                                   self.device, logprobs=rollout.logprobs)
         counts = [(b.loss_mask != 0).sum() for b in batches]
         total = float(all_reduce_values([float(sum(int(c) for c in counts))])[0])   # the step's targets, all ranks
         lr = lr_at(self.cfg, self.total_steps, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clock = PhaseClock()   # CUDA events on GPU, wall time on CPU: no host sync inside the step
-        weighted, diagnostics = None, []
+        weighted, diagnostics, drift = None, [], None
         diagnosed = self.cfg.logging.diagnoses(self.step + 1, self.total_steps)
         self.method.logging_step = diagnosed   # the method computes its diagnostics on diagnostic steps only
         for batch, count in zip(batches, counts):
@@ -400,6 +410,10 @@ class DeepSpeedTrainer(TrainingLoop):
                     teacher_logits, student_logits = teacher_logits[..., :width], student_logits[..., :width]
                 result = self.method.loss(student_logits, teacher_logits, batch, tp_group=None,
                                           vocab_size=self.tokens.vocab_size)
+                if batch.rollout_logprobs is not None:   # the rollout guard's sums (training/rollout_guard.py)
+                    sums = rollout_drift(student_logits, batch.labels, batch.loss_mask, batch.rollout_logprobs,
+                                         None, self.tokens.vocab_size)
+                    drift = sums if drift is None else drift + sums
             with clock.phase("student_backward"):
                 self.engine.backward(result.loss * (count * self.dp_size / max(total, 1.0)), scale_wrt_gas=False)
             with clock.phase("optimizer"):
@@ -408,6 +422,7 @@ class DeepSpeedTrainer(TrainingLoop):
             weighted = values * count if weighted is None else weighted + values * count
             if diagnosed and self.method.diagnostics:
                 diagnostics.append(torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics]))
+        drift = self.guard.observe(self.step + 1, drift) if on_policy else {}
         if self.rollouts is not None and self.engine.was_step_applied():   # an fp16 overflow skips the update
             self.rollouts.weights_changed()
         t5 = time.perf_counter()
@@ -421,14 +436,15 @@ class DeepSpeedTrainer(TrainingLoop):
             local.update(zip(self.method.diagnostics, torch.stack(diagnostics).mean(0).tolist()))
         local.update({f"time/{k}": v for k, v in clock.pop().items()})
         local.update({
-            "time/rollout": rollout_seconds, "time/step": t5 - t0, "rollout/on_policy": float(on_policy),
+            "time/rollout": rollout.seconds, "time/step": t5 - t0, "rollout/on_policy": float(on_policy),
             "rollout/response_length": sum(len(r) for _, r in pairs) / len(pairs), "optim/lr": lr,
             "optim/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "optim/update_skipped": 0.0 if self.engine.was_step_applied() else 1.0,
             "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t5 - t0, 1e-9),
         })
+        local.update(drift)   # the rollout guard's figures (on-policy steps)
         if self.rollouts is not None:   # the part of time/rollout that fed the replica the new weights
-            local["time/weight_sync"] = sync_seconds   # every rank has a replica: the same names everywhere
+            local["time/weight_sync"] = rollout.sync_seconds   # every rank has a replica: the same names everywhere
         metrics = reduce_to_rank0(local)
         if metrics is not None:
             for name in self.loss_names:

@@ -24,6 +24,16 @@ class StepResult:
     metrics: Optional[dict[str, float]]   # on global rank 0 only, on logged steps
 
 
+@dataclass
+class Rollout:
+    """A step's training pairs, as an engine's rollout gives them."""
+    pairs: list                                   # (prompt ids, response ids)
+    on_policy: bool                               # sampled by the student (else the data set's responses)
+    seconds: float = 0.0                          # the sampling, the weight sync included
+    sync_seconds: float = 0.0                     # of which: feeding a vLLM replica the new weights
+    logprobs: Optional[list[list[float]]] = None  # the engine's per-token log-probabilities (GenerationOutput)
+
+
 class TrainingLoop:
     """Mixin. The engine provides ``cfg``, ``parts`` (inputs, memory_plan, total_steps, num_microbatches),
     ``total_steps``, ``step``, ``preemption`` (a PreemptionFlag), ``stopped_by_signal`` and ``maybe_resume()``,

@@ -109,6 +109,8 @@ def step_line(step: int, total: int, eta_seconds: Optional[float], metrics: dict
     if "optim/grad_norm" in metrics:
         parts.append(f"grad norm {metrics['optim/grad_norm']:.4g}"
                      + (" (update skipped)" if metrics.get("optim/update_skipped") else ""))
+    if "rollout/logprob_diff" in metrics:   # the rollout guard's figure (training/rollout_guard.py)
+        parts.append(f"rollout logprob diff {metrics['rollout/logprob_diff']:.2g}")
     parts.append(memory)
     names = [n for n in PHASE_ORDER if n in metrics] + sorted(
         n for n in metrics if n.startswith("time/") and n not in PHASE_ORDER and n != "time/step")

@@ -43,9 +43,11 @@ from megatron_tsdkd.runtime.collectives import broadcast_object
 from megatron_tsdkd.runtime.seeds import derive_seed
 from megatron_tsdkd.training import checkpoint
 from megatron_tsdkd.training.build import TrainingParts, build_parts, sync_student_params
-from megatron_tsdkd.training.loop import StepResult, TrainingLoop
+from megatron_tsdkd.losses.rollout_drift import rollout_drift
+from megatron_tsdkd.training.loop import Rollout, StepResult, TrainingLoop
 from megatron_tsdkd.training.metrics import ShareWatch, reduce_to_rank0
 from megatron_tsdkd.training.optim import adam_step, materialise_optimizer_state, set_adam_step
+from megatron_tsdkd.training.rollout_guard import RolloutGuard
 from megatron_tsdkd.training.run_config import CONFIG_FILE, config_yaml
 
 log = logging.getLogger("megatron_tsdkd.train")
@@ -70,6 +72,8 @@ class Trainer(TrainingLoop):
         self.loss_names = ("total",) + self.method.logs
         self.share_watch = ShareWatch(self.method.share_warning())
         self.rollouts = parts.rollouts   # vLLM replicas (rollout.engine=vllm), else None: our decode
+        r = cfg.rollout
+        self.guard = RolloutGuard(r.engine, r.max_logprob_diff, r.logprob_diff_patience)
 
     # ----------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -129,13 +133,12 @@ class Trainer(TrainingLoop):
     # ----------------------------------------------------------------------------------------------------------
     # one step
 
-    def _rollout(self, examples) -> tuple[list, bool, float, float]:
+    def _rollout(self, examples) -> Rollout:
         """The step's (prompt, response) pairs: sampled by the student (or, for a co-generation method, by student
-        and teacher together) with probability lambda, else the data's; the seconds the sampling took, and of
-        those the seconds the vLLM weight sync took."""
+        and teacher together) with probability lambda, else the data's."""
         r = self.cfg.rollout
         if random.Random(derive_seed(self.cfg.seed, self.step)).random() >= r.on_policy_prob:
-            return [(e.prompt_ids, e.response_ids) for e in examples], False, 0.0, 0.0
+            return Rollout([(e.prompt_ids, e.response_ids) for e in examples], on_policy=False)
         start, sync_seconds = time.perf_counter(), 0.0
         prompts = [e.prompt_ids for e in examples]
         common = dict(eos_token_ids=self.tokens.stop_ids, pad_token_id=self.tokens.pad_id,
@@ -150,7 +153,7 @@ class Trainer(TrainingLoop):
         else:
             out = generate(unwrap_model(self.student), prompts, r, **common)
         pairs = [(examples[i // r.num_samples].prompt_ids, resp) for i, resp in enumerate(out.responses)]
-        return pairs, True, time.perf_counter() - start, sync_seconds
+        return Rollout(pairs, True, time.perf_counter() - start, sync_seconds, out.logprobs)
 
     def _logged(self, step: int) -> bool:
         """Whether ``step`` (1-based) logs metrics: every ``logging.interval`` steps, each diagnostic step, the last."""
@@ -174,6 +177,9 @@ class Trainer(TrainingLoop):
         reported = {"weighted": values * tokens, "tokens": tokens}
         if self.method.logging_step and self.method.diagnostics:
             reported["diagnostics"] = torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics])
+        if batch.rollout_logprobs is not None:   # the rollout guard's sums (training/rollout_guard.py)
+            reported["drift"] = rollout_drift(student_logits, batch.labels, batch.loss_mask, batch.rollout_logprobs,
+                                              self.tp_group, self.tokens.vocab_size)
         return result.loss * tokens, tokens.to(torch.int), reported
 
     def _forward_step(self, data_iterator, model):
@@ -185,13 +191,14 @@ class Trainer(TrainingLoop):
         indices = self.sampler.next_batch()
         train = self.parts.inputs.train.for_epoch(self.sampler.epoch)   # the epoch of this batch (KPOD stages)
         examples = [train[i] for i in indices]
-        pairs, on_policy, rollout_seconds, sync_seconds = self._rollout(examples)
+        rollout = self._rollout(examples)
+        pairs, on_policy = rollout.pairs, rollout.on_policy
         weights = None if on_policy else response_weights(examples)   # float loss weights of off-policy data
         # each micro-batch padded to its own longest row; seq_len (the longest) only sizes the schedule's first
         # buffers, the p2p sends each micro-batch's own shape (variable_seq_lengths, training/colocation.py)
         batches, seq_len = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id,
                                          self.cfg.data.max_length, device(), weights=weights,
-                                         sort_by_length=self.cfg.batch.sort_by_length)
+                                         sort_by_length=self.cfg.batch.sort_by_length, logprobs=rollout.logprobs)
         self.stage.clock.pop()
         self.optimizer.zero_grad()
         self.student.zero_grad_buffer()
@@ -200,6 +207,11 @@ class Trainer(TrainingLoop):
                 forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.stage],
                 num_microbatches=self.parts.num_microbatches, seq_length=seq_len,
                 micro_batch_size=self.cfg.batch.micro_size, forward_only=False)
+        drift = {}
+        if on_policy:   # before the update: a run on broken rollouts stops without applying this step
+            local = (torch.stack([r["drift"] for r in reported]).sum(0)
+                     if reported and "drift" in reported[0] else None)
+            drift = self.guard.observe(self.step + 1, local)
         t2 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]           # the rate this step applies
         success, grad_norm, _ = self.optimizer.step()
@@ -215,7 +227,7 @@ class Trainer(TrainingLoop):
         # Every rank knows the metric names (config, method, step); the last stage's values are the ones logged.
         forward = phases.get("teacher_forward", 0.0) + phases.get("student_forward", 0.0)
         step_values = {   # known on every rank
-            "time/rollout": rollout_seconds, "time/teacher_forward": phases.get("teacher_forward", 0.0),
+            "time/rollout": rollout.seconds, "time/teacher_forward": phases.get("teacher_forward", 0.0),
             "time/student_forward": phases.get("student_forward", 0.0),
             "time/student_backward": max(phases["schedule"] - forward, 0.0), "time/optimizer": t3 - t2,
             "time/step": t3 - t0, "rollout/on_policy": float(on_policy),
@@ -225,8 +237,9 @@ class Trainer(TrainingLoop):
             "optim/loss_scale": self.optimizer.get_loss_scale(),   # fp16's dynamic scale, 1 otherwise (on device)
             "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(t3 - t0, 1e-9),
         }
+        step_values.update(drift)   # the rollout guard's figures (on-policy steps)
         if self.rollouts is not None:   # the part of time/rollout that fed the vLLM replicas the new weights
-            step_values["time/weight_sync"] = sync_seconds
+            step_values["time/weight_sync"] = rollout.sync_seconds
         sums = [f"loss/{k}" for k in self.loss_names] + ["tokens/response"]
         diagnostics = list(self.method.diagnostics) if self._diagnosed(self.step) else []
         local = None
