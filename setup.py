@@ -51,6 +51,7 @@ setup(
             "tsdkd-convert=megatron_tsdkd.cli:convert_main",
             "tsdkd-plan=megatron_tsdkd.cli:plan_main",
             "tsdkd-data=megatron_tsdkd.cli:data_main",
+            "tsdkd-doctor=megatron_tsdkd.cli:doctor_main",
             "tsdkd-study=megatron_tsdkd.study.command:main",
             "tsdkd-kpod-prepare=megatron_tsdkd.kpod.command:main",
         ]

@@ -1,4 +1,4 @@
-"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan, tsdkd-data (also
+"""Console entry points: tsdkd-train, tsdkd-eval, tsdkd-convert, tsdkd-plan, tsdkd-data, tsdkd-doctor (also
 ``python -m megatron_tsdkd.cli X``). Each program lives in megatron_tsdkd/commands/; this module only dispatches."""
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {"train": "train", "eval": "eval", "convert": "convert", "plan": "plan", "teacher-data": "teacher_data",
-            "data": "data"}
+            "data": "data", "doctor": "doctor"}
 
 
 def _run(command: str, argv=None) -> None:
+    if command == "doctor":   # before anything that imports torch: a torch that cannot load is one of its findings
+        importlib.import_module("megatron_tsdkd.commands.doctor").main(argv)
+        return
     from megatron_tsdkd.runtime.warnings import install
 
     install()   # before megatron-core is imported: most of its notes come at import
@@ -34,6 +37,10 @@ def plan_main(argv=None) -> None:
 
 def data_main(argv=None) -> None:
     _run("data", argv)
+
+
+def doctor_main(argv=None) -> None:
+    _run("doctor", argv)
 
 
 def main(argv=None) -> None:

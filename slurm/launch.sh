@@ -10,6 +10,9 @@
 # Before anything starts, the launcher runs `tsdkd-train --dry-run` once (in the batch shell under Slurm, before
 # srun) for the world the job will have: a config or input error ends the job with its one `error: ...` line and
 # exit code 2, instead of the same line buried in every rank's traceback and torchrun's ChildFailedError dump.
+# Then, on every node before its torchrun, `tsdkd-doctor --quiet` checks what the node has (torch's CUDA build
+# against the driver, NCCL, GPUs against NPROC_PER_NODE, megatron-core and vLLM against their pins, disk for
+# checkpoints): a bad node ends the job with one `error: <node>: ...` line per problem and exit code 1.
 #
 # Signals: wherever SIGTERM, SIGINT or SIGUSR1 lands (this launcher, srun, torchrun, the workers; Slurm signals
 # every process of a step, Ctrl-C the foreground process group), the trainer saves one checkpoint at the end of its
@@ -38,6 +41,7 @@
 #   TSDKD_PYTHON        python with megatron_tsdkd installed (default: $TSDKD_HOME/.venv/bin/python, else python3)
 #   TSDKD_TRAIN_CMD     training command, config and overrides appended (default: "$TSDKD_PYTHON -m megatron_tsdkd.cli train")
 #   TSDKD_DRY_RUN       1: run the dry run first, 0: skip it (default: 1 unless TSDKD_TRAIN_CMD is set)
+#   TSDKD_DOCTOR        1: run tsdkd-doctor on each node first, 0: skip it (default: as TSDKD_DRY_RUN)
 #   TSDKD_LOG_DIR       per-node logs go to $TSDKD_LOG_DIR/<job id>/node-<node>.log (default: $TSDKD_HOME/logs)
 #   TSDKD_MAX_REQUEUES  stop requeueing after this many restarts (default: 20)
 set -euo pipefail
@@ -145,6 +149,33 @@ dry_run() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
+# The node check: `tsdkd-doctor --quiet` for $1 processes on this node, config and overrides after it. Returns 0,
+# or prints its blocking findings (one `error: <node>: ...` line each) and exits 1. Under Slurm the lines go to a
+# marker file that run_allocation prints once, instead of every node's log. A stop signal during the check is
+# recorded by the caller's trap and ends the node without training (run_node).
+doctor() {
+    local nproc=$1
+    shift
+    local mode=${TSDKD_DOCTOR:-${TSDKD_DRY_RUN:-}}
+    [[ -n $mode ]] || { [[ -n ${TSDKD_TRAIN_CMD:-} ]] && mode=0 || mode=1; }
+    [[ $mode == 0 ]] && return 0
+    local node=${SLURMD_NODENAME:-$(hostname -s)} out rc=0 lines
+    out=$("$TSDKD_PYTHON" -m megatron_tsdkd.commands.doctor --quiet --nproc-per-node "$nproc" "$@" 2>&1) || rc=$?
+    ((rc == 0)) || [[ -n $STOP_SIGNAL ]] && return 0   # a stop signal (trapped here) may have ended the check
+    if ((rc == 1)) && grep -q '^error: ' <<<"$out"; then
+        lines=$(grep '^error: ' <<<"$out")
+    else
+        lines="error: $node: tsdkd-doctor failed (exit $rc): $(tail -n 1 <<<"$out")"
+    fi
+    if [[ ${TSDKD_LAUNCH_ROLE:-} == node ]]; then
+        echo "$lines" >"$TSDKD_RUN_LOG_DIR/doctor-$node.restart-${SLURM_RESTART_COUNT:-0}.failed"
+    else
+        echo "$lines" >&2
+    fi
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------------------------
 # One node: torchrun (through runtime/torchrun.py, see the header); signals that reach this task are passed on.
 run_node() {
     local nproc
@@ -161,12 +192,18 @@ run_node() {
 
     local node=${SLURMD_NODENAME:-$(hostname -s)}
     local log=$TSDKD_RUN_LOG_DIR/node-$node.log
-    echo "=== $(date -Is) node $node: $nproc processes, restart ${SLURM_RESTART_COUNT:-0} ===" >>"$log"
 
     # A signal may come straight to the step (`--signal=USR1@...` without B:, `scancel --signal=USR1|TERM <job>`),
     # bypassing the batch shell: leave a marker so that the launcher still knows (and requeues after USR1).
     MARKER_DIR=$TSDKD_RUN_LOG_DIR
     trap_stop_signals
+    doctor "$nproc" "$@"
+    if [[ -n $STOP_SIGNAL ]]; then   # during the node check: nothing trained yet, so nothing to save
+        trap - USR1 TERM INT
+        say "$STOP_SIGNAL on node $node before training started: not starting it"
+        return 0
+    fi
+    echo "=== $(date -Is) node $node: $nproc processes, restart ${SLURM_RESTART_COUNT:-0} ===" >>"$log"
     # Each node's output goes to its own log and to srun, which labels it with the node index in the job's output.
     (
         trap '' TERM INT USR1   # until runtime/torchrun.py installs its handlers; the workers get the defaults
@@ -203,6 +240,11 @@ run_allocation() {
     local rc=$WAIT_RC
     trap - USR1 TERM INT
 
+    local failed=("$TSDKD_RUN_LOG_DIR"/doctor-*.restart-"${SLURM_RESTART_COUNT:-0}".failed)
+    if ((rc != 0)) && [[ -e ${failed[0]} ]]; then   # a node's check failed: its lines, not every node's log
+        cat "${failed[@]}" >&2
+        return 1
+    fi
     if ((rc != 0)); then
         say "training failed with exit code $rc; the last lines of each node's log:"
         local log

@@ -7,12 +7,14 @@ limits, the column mapping and the mode. Its hash names the folder ``<cache_dir>
 changed input, tokenizer or template finds no folder and builds a new one (old folders stay until removed by hand).
 
 Once, without process groups (check_inputs runs before any exist): every process takes an exclusive file lock
-(``filelock``; released by the kernel when its holder dies, kill -9 included) next to the folder. The first builds,
-the others block on the lock, polling, up to ``wait_seconds``; each one that gets the lock looks again and finds the
-finished folder. The builder writes into a fresh ``<folder>.building-*`` folder, fsyncs every file, writes
-``meta.json`` (with the key) last, and renames the folder into place (atomic on one file system); a folder is used
-only when its ``meta.json`` holds the same key and its arrays have the recorded sizes. Leftovers of a killed builder
-are removed by the next builder (it holds the lock, so nobody is writing them).
+next to the folder (runtime/file_lock.py: ``flock``, released by the kernel when its holder dies, kill -9 included;
+where the file system refuses ``flock``, as Lustre without ``-o flock`` does, an exclusive-create lock file whose
+dead holder is detected by pid or missing heartbeat). The first builds, the others wait on the lock, polling with
+backoff, up to ``wait_seconds``; each one that gets the lock looks again and finds the finished folder. The
+builder writes into a fresh ``<folder>.building-*`` folder, fsyncs every file, writes ``meta.json`` (with the key)
+last, and renames the folder into place (atomic on one file system); a folder is used only when its ``meta.json``
+holds the same key and its arrays have the recorded sizes. Leftovers of a killed builder are removed by the next
+builder (it holds the lock, so nobody is writing them).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import os
 import shutil
 import tempfile
 from typing import Callable, Optional
+
+from megatron_tsdkd.runtime.file_lock import FileLock, describe
 
 from .chat_tokenization import ChatTemplateTokenizer, TruncationStats
 from .dataset import tokenized_chunks
@@ -115,8 +119,6 @@ def cached_dataset(source: DataSource, chat: ChatTemplateTokenizer, mode: Mode, 
                    wait_seconds: float = WAIT_SECONDS) -> MappedChatDataset:
     """The memory-mapped tokenised set of ``source``, built here unless a complete one with the same key exists;
     ``on_progress(rows read)`` after each chunk of a build."""
-    from filelock import FileLock, Timeout
-
     key = cache_key(source, chat, mode, max_length, max_prompt_length, fields)
     folder = cache_folder(cache_dir, source, key)
     dataset = open_store(folder, key)
@@ -124,15 +126,14 @@ def cached_dataset(source: DataSource, chat: ChatTemplateTokenizer, mode: Mode, 
         return dataset
     os.makedirs(cache_dir, exist_ok=True)
     lock = FileLock(folder + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another process to tokenise %s into %s", source.path, folder)
-        try:
-            lock.acquire(timeout=wait_seconds)
-        except Timeout:
+    if not lock.acquire(timeout=0):
+        holder = lock.read_holder()        # recorded by an exclusive-create lock only (where flock is refused)
+        log.info("waiting for another process%s to tokenise %s into %s", f" ({describe(holder)})" if holder else "",
+                 source.path, folder)
+        if not lock.acquire(timeout=wait_seconds):
+            held = lock.held_path if lock.mode == "exclusive-create" else lock.path
             raise ValueError(f"waited {wait_seconds:.0f} s for another process to tokenise it into {folder} "
-                             f"(lock {folder}.lock); is that process stuck?") from None
+                             f"(lock {held}); is that process stuck?")
     try:
         dataset = open_store(folder, key)
         if dataset is None:
