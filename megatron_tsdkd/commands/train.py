@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
@@ -116,8 +117,29 @@ def main(argv=None) -> None:
     from megatron_tsdkd.training.job import run_job
     try:
         run_job(cfg, inputs)
-    except RolloutEngineError as error:   # a vLLM crash or out-of-memory mid-run: one line, the checkpoint stays
-        _fail(str(error))
+    except Exception as error:   # noqa: BLE001 - a peer's death is named as the cause; else as before
+        _fail_if_a_peer_died(error)
+        if isinstance(error, RolloutEngineError):   # a vLLM crash or out-of-memory: one line, the checkpoint stays
+            _fail(str(error))
+        raise
+
+
+def _fail_if_a_peer_died(error: Exception) -> None:
+    """One ``error:`` line naming the rank whose death (OOM killer, Slurm, a crash) caused ``error``, if one did
+    (runtime/rank_deaths.py); returns otherwise. torchrun's SIGTERM to the survivors is held off meanwhile, and
+    after the line too, so that this rank exits 2 rather than dying of it."""
+    from megatron_tsdkd.runtime import rank_deaths
+
+    previous = rank_deaths.hold_off_stop_signals()
+    try:
+        explained = rank_deaths.explain_failure(error)
+    except Exception as failure:  # noqa: BLE001 - never hide the job's own error behind a failed explanation
+        print(f"warning: could not look for a dead peer ({type(failure).__name__}: {failure})", file=sys.stderr)
+        explained = None
+    if explained:
+        _fail(explained)
+    for sig, handler in previous.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _dry_run_main(args) -> None:

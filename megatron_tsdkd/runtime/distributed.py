@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tsdkd.runtime import cpu_shim
+from megatron_tsdkd.runtime import cpu_shim, rank_deaths
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
         )
+        rank_deaths.remember_peers()   # so that a rank that dies is named by its peers (collective)
     layout.data_parallel(dist.get_world_size())  # validates divisibility with a clear message
     key = (layout, dist.get_world_size(), dist.group.WORLD)
     if not (_built is not None and _built[0] == key and _state_unchanged(parallel_state, _built[1])):

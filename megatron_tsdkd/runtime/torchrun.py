@@ -12,17 +12,28 @@ every worker succeed and exits 0 too. Nothing here ever escalates to SIGKILL: Sl
 that, and a worker outliving this agent is ended by runtime/parent_watch.py. A worker still starting up (imports,
 model loading) gets the signal as soon as its handler is installed (read off ``SigCgt`` in /proc/<pid>/status), so
 a signal that comes early is neither lost nor fatal. SIGHUP and SIGQUIT keep torchrun's own behaviour.
+
+A worker that dies is reported as what it is (runtime/rank_deaths.py): ``DeathWatch`` learns each worker's exit
+status the moment it dies and leaves a death note for its peers, which name it as the cause of their own failure
+instead of the collective error they get; and after torchrun's failure table comes one line per worker killed by a
+signal: which rank, which signal, and the likely cause (the OOM killer, with the node's memory figures).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
+import time
+
+from megatron_tsdkd.runtime import rank_deaths
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 TORCHRUN_OWN = "SIGHUP,SIGQUIT"   # TORCHELASTIC_SIGNALS_TO_HANDLE: torchrun may still shut down on these
 POLL_SECONDS = 0.2
+CENSUS_SECONDS = 0.25   # how often DeathWatch lists the workers and samples the node's memory
 
 
 def _children() -> list[int]:
@@ -102,11 +113,129 @@ class Forwarder:
         return any((pid, sig) not in delivered for sig in set(self.received) for pid in pids)
 
 
+def _worker_facts(pid: int) -> dict | None:
+    """A worker's ranks, run and GPU, read off its environment while it lives (a dead one has none to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+
+    def number(key: bytes):
+        value = env.get(key, b"")
+        return int(value) if value.isdigit() else None
+
+    local = number(b"LOCAL_RANK")
+    visible = env.get(b"CUDA_VISIBLE_DEVICES", b"").decode(errors="replace").split(",")
+    gpu = int(visible[local]) if local is not None and local < len(visible) and visible[local].isdigit() else local
+    return {"rank": number(b"RANK"), "local_rank": local, "gpu": gpu,
+            "run": env.get(b"TORCHELASTIC_RUN_ID", b"").decode(errors="replace") or None}
+
+
+class DeathWatch:
+    """Two daemon threads: a census (every CENSUS_SECONDS: the workers' ranks while they live, the node's memory)
+    and a watch that learns each worker's exit the moment it happens, through ``waitid(WNOWAIT)``: the worker stays
+    a zombie for torchrun to reap as before. A worker that does not exit 0 leaves a death note in ``folder``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.memory = rank_deaths.MemoryWatch()
+        self.workers: dict[int, dict] = {}   # pid -> _worker_facts
+        self.notes: dict[int, dict] = {}     # pid -> its death note
+        self.lock = threading.Lock()         # the watch and, at the end, the summary write notes
+
+    def start(self) -> "DeathWatch":
+        threading.Thread(target=self._census, name="worker-census", daemon=True).start()
+        threading.Thread(target=self._watch, name="worker-deaths", daemon=True).start()
+        return self
+
+    def _census(self) -> None:
+        while True:
+            self.memory.sample()
+            for pid in _children():
+                if pid not in self.workers:
+                    facts = _worker_facts(pid)
+                    if facts is not None:
+                        self.workers[pid] = facts
+            time.sleep(CENSUS_SECONDS)
+
+    def _watch(self) -> None:
+        seen: set[int] = set()
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:   # no worker yet (or none left)
+                time.sleep(CENSUS_SECONDS)
+                continue
+            if info is None or info.si_pid in seen:   # a zombie torchrun has yet to reap
+                time.sleep(0.02)
+                continue
+            seen.add(info.si_pid)
+            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+            if killed or info.si_status != 0:
+                self.died(info.si_pid, info.si_status if killed else None, None if killed else info.si_status)
+
+    def died(self, pid: int, signal_number: int | None, exit_code: int | None, rank=None, local_rank=None) -> dict:
+        """Write (once) and return the death note of worker ``pid``."""
+        with self.lock:
+            if pid in self.notes:
+                return self.notes[pid]
+            facts = self.workers.get(pid, {})
+            note = rank_deaths.death_note(
+                rank=facts.get("rank", rank), local_rank=facts.get("local_rank", local_rank), pid=pid,
+                signal_number=signal_number, exit_code=exit_code, run=facts.get("run"),
+                memory=self.memory.figures(facts.get("gpu")))
+            self.notes[pid] = note
+            try:
+                rank_deaths.write_note(self.folder, note)
+            except OSError as error:
+                print(f"torchrun: could not write the death note of worker {pid} to {self.folder}: {error}",
+                      file=sys.stderr, flush=True)
+            return note
+
+    def summary(self, failures: dict) -> list[str]:
+        """One line per worker killed by a signal (torchrun's ``ChildFailedError.failures``: global rank ->
+        ProcessFailure), the first death first; a later one is put down to torchrun's stopping of the others."""
+        for rank, failure in failures.items():   # a death the watch missed: its note comes from torchrun's record
+            if failure.exitcode is not None and failure.exitcode < 0:
+                self.died(failure.pid, -failure.exitcode, None, rank=rank, local_rank=failure.local_rank)
+        deaths = sorted(self.notes.values(), key=lambda note: note["time"])
+        first = deaths[0] if deaths else None
+        lines = []
+        for note in deaths:
+            if not note.get("signal"):
+                continue   # a worker that exited with an error code printed its error itself
+            if note is not first and note["signal"] in ("SIGTERM", "SIGKILL"):
+                culprit = f"rank {first['rank']}" if first.get("rank") is not None else f"worker {first['pid']}"
+                lines.append(f"torchrun: {rank_deaths.who(note)} was killed by {note['signal']} after {culprit} had "
+                             f"{'died' if first.get('signal') else 'failed'} (torchrun stops the other workers: "
+                             f"SIGTERM, then SIGKILL after its shutdown timeout)")
+            else:
+                lines.append(f"torchrun: {rank_deaths.describe(note)}")
+        return lines
+
+
+def _notes_folder() -> tuple[str, bool]:
+    """Where the death notes go, and whether it is a private folder to remove at exit: TSDKD_DEATH_NOTES if set;
+    else under the launcher's log folder (on most clusters a shared file system: ranks on other nodes read the notes
+    too), one folder per Slurm restart; else a private temporary folder."""
+    if os.environ.get(rank_deaths.NOTES_ENV):
+        return os.environ[rank_deaths.NOTES_ENV], False
+    if os.environ.get("TSDKD_RUN_LOG_DIR"):
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        return os.path.join(os.environ["TSDKD_RUN_LOG_DIR"], "death-notes", f"restart-{restart}"), False
+    return tempfile.mkdtemp(prefix="tsdkd-death-notes-"), True
+
+
 def main() -> None:
     forwarder = Forwarder()
     for sig in FORWARDED:
         signal.signal(sig, forwarder.handle)
     threading.Thread(target=forwarder.run, name="signal-forwarder", daemon=True).start()
+    folder, private = _notes_folder()
+    os.environ[rank_deaths.NOTES_ENV] = folder   # the workers inherit it
+    watch = DeathWatch(folder).start()
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig
     from torch.distributed.run import main as torchrun_main
 
@@ -115,7 +244,16 @@ def main() -> None:
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = TORCHRUN_OWN
     if "signals_to_handle" in getattr(LaunchConfig, "__dataclass_fields__", {}):
         sys.argv.insert(1, f"--signals-to-handle={TORCHRUN_OWN}")
-    torchrun_main()
+    try:
+        torchrun_main()
+    except ChildFailedError as error:   # torchrun's table (its traceback says nothing more), then the deaths
+        print(f"torchrun: {type(error).__name__}:\n{error}", file=sys.stderr, flush=True)
+        for line in watch.summary(error.failures):
+            print(line, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None   # as torchrun's uncaught error would
+    finally:
+        if private:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
