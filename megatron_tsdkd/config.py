@@ -11,7 +11,7 @@ import logging
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -77,6 +77,7 @@ class RolloutConfig(SamplingConfig):
     # is installed and supports the student, else megatron (auto; the start-up summary says which)
     engine: str = "megatron"
     vllm_memory_fraction: float = 0.3        # GPU share of each replica (weights + KV cache) while it samples
+    weight_sync_bucket_mb: int = 256         # the vLLM weight sync moves parameters in buckets of this size (full)
     # the rollout guard (training/rollout_guard.py): stop when the engine's log-probabilities of the tokens it
     # sampled differ from the trainer's by more than max_logprob_diff nats per token (rollout/logprob_diff) on
     # logprob_diff_patience on-policy steps in a row; patience 0 only logs
@@ -91,6 +92,8 @@ class RolloutConfig(SamplingConfig):
         require(self.engine in ROLLOUT_ENGINES, "engine", self.engine, f"must be one of {', '.join(ROLLOUT_ENGINES)}")
         require(0.0 < self.vllm_memory_fraction < 1.0, "vllm_memory_fraction", self.vllm_memory_fraction,
                 "must lie in (0, 1)")
+        require(isinstance(self.weight_sync_bucket_mb, int) and self.weight_sync_bucket_mb >= 1,
+                "weight_sync_bucket_mb", self.weight_sync_bucket_mb, "must be an integer >= 1 (MiB)")
         require(self.max_logprob_diff > 0.0, "max_logprob_diff", self.max_logprob_diff, "must be > 0 (nats)")
         require(isinstance(self.logprob_diff_patience, int) and self.logprob_diff_patience >= 0,
                 "logprob_diff_patience", self.logprob_diff_patience, "must be an integer >= 0 (0: only log)")
@@ -131,7 +134,8 @@ class ScheduleConfig:
 @dataclass
 class BatchConfig:
     global_size: int = 128              # sequences per optimizer step, over all data-parallel ranks
-    micro_size: int = 1                 # sequences per forward/backward on one rank
+    # sequences per forward/backward on one rank; auto: the largest the memory plan fits (training/memory_plan.py)
+    micro_size: Union[int, Literal["auto"]] = 1
     # sort the step's rows by length before cutting micro-batches (less padding); token-decomposable losses are
     # unchanged, TSD-KD's per-micro-batch entropy set and opener see other neighbours (data/collate.py)
     sort_by_length: bool = False
@@ -181,7 +185,9 @@ class LoggingConfig:
 @dataclass
 class MemoryCheckConfig:
     gpu_memory_gib: float = 80.0
-    enforce: bool = True                # refuse layouts the planner says cannot fit (GPU only)
+    # the host memory a node has for the job (training/host_memory_plan.py); unset: what is available when it starts
+    host_memory_gib: Optional[float] = None
+    enforce: bool = True                # refuse layouts the planner says cannot fit (GPU, and each node's host)
 
 
 @dataclass
@@ -224,11 +230,22 @@ def _coerce(key: str, value, hint):
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | Literal[...] (e.g. an integer or "auto")
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
-        return _coerce(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        literals = [c for a in inner if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        if value in literals:
+            return value
+        try:
+            return _coerce(key, value, next(a for a in inner if typing.get_origin(a) is not Literal))
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {' or '.join(map(repr, literals))} or a value of type "
+                              f"{next(a for a in inner if typing.get_origin(a) is not Literal).__name__}, "
+                              f"got {value!r}") from None
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -335,13 +352,14 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in [("optimizer.loss_scale_window", o.loss_scale_window),
                        ("optimizer.loss_scale_hysteresis", o.loss_scale_hysteresis)]:
         need(value >= 1, key, f"must be >= 1, got {value}")
+    auto_micro = b.micro_size == "auto"   # resolved by the memory plan (training/memory_plan.py)
     for key, value in [("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
-                       ("batch.global_size", b.global_size), ("batch.micro_size", b.micro_size),
+                       ("batch.global_size", b.global_size), ("batch.micro_size", 1 if auto_micro else b.micro_size),
                        ("data.max_length", cfg.data.max_length), ("data.max_prompt_length", cfg.data.max_prompt_length)]:
         need(value >= 1, key, f"must be >= 1, got {value}")
     need(cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
          f"must be below data.max_length ({cfg.data.max_length}), got {cfg.data.max_prompt_length}")
-    need(b.global_size % b.micro_size == 0, "batch.global_size",
+    need(auto_micro or b.global_size % b.micro_size == 0, "batch.global_size",
          f"{b.global_size} is not a multiple of batch.micro_size ({b.micro_size})")
     need(b.global_size % cfg.rollout.num_samples == 0, "rollout.num_samples",
          f"must divide batch.global_size ({b.global_size}), got {cfg.rollout.num_samples}")
@@ -386,7 +404,7 @@ def _check_sequence_ranking(cfg: TrainConfig, need) -> None:
     need(not cfg.batch.sort_by_length, "batch.sort_by_length",
          "must be false with method.indirect_level=sequence: sorting rows by length would split a prompt's "
          "candidates between micro-batches")
-    need(cfg.batch.micro_size % n == 0, "batch.micro_size",
+    need(cfg.batch.micro_size == "auto" or cfg.batch.micro_size % n == 0, "batch.micro_size",
          f"must be a multiple of rollout.num_samples ({n}) with method.indirect_level=sequence, so each prompt's "
          f"candidates share a micro-batch; got {cfg.batch.micro_size}")
 

@@ -133,7 +133,8 @@ dry_run() {
     [[ -n $mode ]] || { [[ -n ${TSDKD_TRAIN_CMD:-} ]] && mode=0 || mode=1; }
     [[ $mode == 0 ]] && return 0
     local out=$TSDKD_RUN_LOG_DIR/dry-run.log err rc=0
-    err=$(WORLD_SIZE=$world "$TSDKD_PYTHON" -m megatron_tsdkd.cli train --dry-run "$@" 2>&1 >"$out") || rc=$?
+    err=$(WORLD_SIZE=$world LOCAL_WORLD_SIZE=$(procs_per_node) "$TSDKD_PYTHON" -m megatron_tsdkd.cli train --dry-run \
+        "$@" 2>&1 >"$out") || rc=$?
     if ((rc == 0)); then
         say "dry run: the config, the inputs and the memory plan for $world processes are fine ($out)"
         return 0

@@ -238,6 +238,7 @@ def test_print_config_and_dry_run_errors_in_one_line(workdir, tmp_path, monkeypa
 
     monkeypatch.setenv("WORLD_SIZE", "1")   # --dry-run sets it for the preflight; monkeypatch restores it
     for extra, start in ((["memory.gpu_memory_gib=1"], "error: parallel layout: the planned memory per GPU exceeds 1"),
+                         (["memory.host_memory_gib=0.5"], "error: host memory: 1 rank on this node need "),
                          (["parallel.tensor=3"], "error: models.student.path: "),
                          (["parallel.tensor=2"], "error: parallel: tensor x pipeline = 2 x 1 = 2 does not divide the"),
                          (["method.bet=1"], "error: overrides: method.bet: unknown key"),
@@ -246,7 +247,7 @@ def test_print_config_and_dry_run_errors_in_one_line(workdir, tmp_path, monkeypa
             command.main(["--config", "", *argv, *extra, "--dry-run"])   # "": no file, the overrides only
         out = capsys.readouterr()
         assert stop.value.code == 2 and out.err.count("\n") == 1 and out.err.startswith(start), (extra, out.err)
-        if "memory" in extra[0]:   # the rest of the planner's message, the table, goes to stdout
+        if "gpu_memory" in extra[0]:   # the rest of the planner's message, the table, goes to stdout
             assert "per rank, GiB" in out.out and "verdict: DOES NOT FIT" in out.out, out.out
 
 

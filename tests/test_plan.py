@@ -389,3 +389,170 @@ def test_zero_plan_verdicts_and_suggestion(capsys):
     plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml", *bad, *keys), 8, student, teacher,
                              gpu_memory_bytes=80 * 1024**3)
     assert plan.fits
+
+
+def _qwen25_05b():
+    """Qwen2.5-0.5B-Instruct's published config (tied embeddings), the student of the pair issue 31 ran."""
+    from transformers import Qwen2Config
+
+    from megatron_tsdkd.models.hf_config import arch_spec
+
+    return arch_spec(Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                                 max_position_embeddings=32768, rope_theta=1e6))
+
+
+CPU_PAIR = ["batch.global_size=4", "batch.micro_size=2", "data.max_length=1024", "data.max_prompt_length=512",
+            "rollout.max_new_tokens=512", "memory.host_memory_gib=24"]
+
+
+def test_host_plan_refuses_a_cpu_run_that_outgrows_the_node_and_says_what_to_change():
+    """The 1.5B -> 0.5B pair on 2 CPU processes of a 24 GiB machine (issue 31: fp32 with vLLM was OOM-killed after a
+    GPU verdict of FITS): fp32 + vLLM and fp32 alone do not fit, the refusal names the figure and the settings that
+    help; bf16 with our decode fits. Per rank: the whole device plan (no CUDA reserve) plus the replica's copy."""
+    from megatron_tsdkd.training.host_memory_plan import PROCESS_BYTES, node_facts
+    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+
+    student, teacher = _qwen25_05b(), spec_of("Qwen2.5-1.5B-Instruct")
+    node = node_facts(2, True, 24)
+
+    def plan(*extra):
+        return check_memory_plan(config("demo_cpu.yaml", *CPU_PAIR, *extra), 2, student, teacher, None, node)
+
+    with pytest.raises(MemoryPlanError) as refused:
+        plan("precision.dtype=fp32", "rollout.engine=vllm")
+    first = str(refused.value).splitlines()[0]
+    assert re.match(r"host memory: 2 ranks on this node need 3\d\.\d GiB \(1\d\.\d GiB each\) but 24\.0 GiB is "
+                    r"available \(memory\.host_memory_gib\); try precision\.dtype=bf16", first), first
+    assert "rollout.engine=megatron" in first and "fewer processes per node (now 2)" in first
+    assert "host verdict: DOES NOT FIT" in str(refused.value)   # the table follows the line
+    with pytest.raises(MemoryPlanError, match="^host memory: "):
+        plan("precision.dtype=fp32", "rollout.engine=megatron")
+    fits = plan("precision.dtype=bf16", "rollout.engine=megatron")
+    host = fits.host
+    assert host.fits and host.on_host and host.ranks == 2 and "host verdict: FITS" in fits.table()
+    rows = dict(host.rows)
+    device = max(fits.peaks) - 3 * 1024**3          # the device plan without its CUDA reserve, on the host
+    assert rows["the device plan, held on the host (no CUDA reserve)"] == device
+    assert rows["Python process and libraries"] == PROCESS_BYTES
+    with_vllm = plan("precision.dtype=bf16", "rollout.engine=vllm", "memory.enforce=false").host
+    replica = dict(with_vllm.rows)["vLLM replica: weights (TP=1) + KV cache + engine"]
+    from megatron_tsdkd.training.memory_plan import total_parameters
+    assert replica > total_parameters(student) * 2   # the student's bf16 weights at TP=1, and more
+
+
+def test_host_plan_of_gpu_nodes_counts_loading_and_async_staging(capsys):
+    """A GPU node holds per rank the process, the loading buffers and (async_save) its checkpoint shard; tsdkd-plan
+    prints the node's plan with --host-memory-gib and fails (exit 1) when 8 ranks outgrow it."""
+    from megatron_tsdkd.commands.plan import main
+    from megatron_tsdkd.training.host_memory_plan import node_facts
+    from megatron_tsdkd.training.memory_plan import check_memory_plan
+
+    student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
+    plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml"), 16, student, teacher, 80 * 1024**3,
+                             node_facts(8, False, 1024))
+    rows = dict(plan.host.rows)
+    assert not plan.host.on_host and plan.host.fits
+    assert set(rows) == {"Python process and libraries", "loading (largest tensor read and assembled)",
+                         "async checkpoint staging (checkpoint.async_save)"}
+    staged = max(plan.row("student weights").bytes_per_stage[s] + plan.row("optimizer state").bytes_per_stage[s]
+                 for s in range(plan.inputs.pp))
+    assert rows["async checkpoint staging (checkpoint.async_save)"] == staged
+    sync = check_memory_plan(config("tsdkd_70b_to_7b.yaml", "checkpoint.async_save=false"), 16, student, teacher,
+                             80 * 1024**3, node_facts(8, False, 1024))
+    assert "async checkpoint staging (checkpoint.async_save)" not in dict(sync.host.rows)
+    yaml = os.path.join(ROOT, "configs", "tsdkd_70b_to_7b.yaml")
+    main(["--config", yaml, "--world-size", "16", "--host-memory-gib", "1024"])
+    assert "host verdict: FITS, 8 ranks x" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as failed:
+        main(["--config", yaml, "--world-size", "16", "--host-memory-gib", "16"])
+    out = capsys.readouterr().out
+    assert failed.value.code == 1 and "host verdict: DOES NOT FIT, 8 ranks x" in out
+    assert "suggestion (host): " in out and "fewer processes per node (now 8)" in out
+
+
+@pytest.mark.parametrize("script, yaml", [("tsdkd_70b_to_7b.sh", "tsdkd_70b_to_7b.yaml"),
+                                          ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
+                                          ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml")])
+def test_micro_size_auto_picks_the_largest_that_fits_and_the_rollout_boundary(script, yaml):
+    """batch.micro_size=auto (the shipped large configs): the plan's largest fitting micro-batch, > 1, and the next
+    candidate up does not fit. At the training -> rollout boundary the training step's cached blocks are returned
+    (generation/vllm_replica.py), so what is held across it is the static memory: the peak is static + the larger of
+    the step and the replica's share, and each phase fits on its own."""
+    from megatron_tsdkd.training.memory_plan import check_memory_plan, load_hf_spec, micro_batch_candidates
+
+    cfg = config(yaml)
+    assert cfg.batch.micro_size == "auto" and cfg.batch.sort_by_length
+    student = load_hf_spec(cfg.models.student.path, "student")[0]
+    teacher = load_hf_spec(cfg.models.teacher.path, "teacher")[0]
+    world = script_world_size(script)
+    plan = check_memory_plan(cfg, world, student, teacher, gpu_memory_bytes=80 * 1024**3)
+    chosen = plan.inputs.micro_batch
+    candidates = micro_batch_candidates(cfg, world)
+    assert chosen > 1 and chosen in candidates and plan.fits
+    bigger = [b for b in candidates if b > chosen]
+    if bigger:
+        too_big = check_memory_plan(config(yaml, f"batch.micro_size={min(bigger)}", "memory.enforce=false"), world,
+                                    student, teacher, gpu_memory_bytes=80 * 1024**3)
+        assert not too_big.fits
+    worst = plan.worst_stage
+    phase = {p: sum(r.bytes_per_stage[worst] for r in plan.rows if r.phase == p) for p in ("static", "train", "rollout")}
+    assert plan.row("vLLM replica: weights").phase == "rollout"   # the shipped engine: auto plans the replica
+    assert plan.peak(worst) == phase["static"] + max(phase["train"], phase["rollout"])
+    assert phase["static"] + phase["train"] <= plan.capacity and phase["static"] + phase["rollout"] <= plan.capacity
+    print(f"{yaml}: micro-batch {chosen}; held across the boundary {phase['static'] / 1024**3:.1f} GiB, training "
+          f"{phase['train'] / 1024**3:.1f}, rollout {phase['rollout'] / 1024**3:.1f}, peak {plan.peak(worst) / 1024**3:.1f}")
+
+
+def test_replica_returns_the_cached_blocks_at_the_boundary(monkeypatch):
+    """Sleep mode (GPU): after vLLM's sleep and before its wake-up the caching allocator's free blocks go back to
+    the device, in that order; without sleep mode (CPU) nothing happens."""
+    from megatron_tsdkd.generation import vllm_replica
+
+    calls = []
+    monkeypatch.setattr(vllm_replica, "release_cached_memory", lambda: calls.append("release"))
+
+    class Engine:
+        def sleep(self, level):
+            calls.append(f"sleep{level}")
+
+        def wake_up(self):
+            calls.append("wake_up")
+
+    replica = vllm_replica.VllmReplica.__new__(vllm_replica.VllmReplica)
+    replica.llm, replica.asleep, replica.options = Engine(), False, {"enable_sleep_mode": True}
+    replica.sleep()
+    replica.wake_up()
+    replica.wake_up()   # awake already: nothing
+    assert calls == ["sleep2", "release", "release", "wake_up"]
+    calls.clear()
+    replica.options = {"enable_sleep_mode": False}
+    replica.sleep()
+    replica.wake_up()
+    assert calls == []
+
+
+def test_host_plan_of_the_deepspeed_engine_counts_its_loading_and_offloaded_state():
+    """engine=deepspeed: the loading row is the engine's own (partitioned under ZeRO-3: one tensor; ZeRO-2: the
+    fp32 student on every rank), and ZeRO-Offload's optimizer state is on the host."""
+    from megatron_tsdkd.training.host_memory_plan import node_facts
+    from megatron_tsdkd.training.memory_plan import check_memory_plan, total_parameters
+
+    student, teacher = spec_of("Qwen2.5-1.5B-Instruct"), spec_of("Qwen2.5-14B-Instruct")
+    base = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", "memory.enforce=false"]
+
+    def rows(*extra):
+        plan = check_memory_plan(config("tsdkd_14b_to_1.5b.yaml", *base, *extra), 8, student, teacher,
+                                 80 * 1024**3, node_facts(8, False, 1024))
+        return dict(plan.host.rows)
+
+    zero3, zero2 = rows("deepspeed.zero_stage=3"), rows("deepspeed.zero_stage=2")
+    from megatron_tsdkd.training.zero_memory_plan import largest_tensor
+
+    assert zero2["loading (engine)"] == 4 * total_parameters(student)                 # every rank: the fp32 student
+    assert zero3["loading (engine)"] == 4 * max(largest_tensor(student), largest_tensor(teacher))   # one tensor
+    assert "optimizer state offloaded to the host (deepspeed.offload_optimizer)" not in zero3
+    offloaded = rows("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu")
+    assert offloaded["optimizer state offloaded to the host (deepspeed.offload_optimizer)"] == \
+        -(-16 * total_parameters(student) // 8)   # fp32 master + Adam moments + fp32 gradients, over 8 ranks
+    assert "async checkpoint staging (checkpoint.async_save)" not in zero3   # DeepSpeed saves synchronously

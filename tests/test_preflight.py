@@ -102,3 +102,31 @@ def test_eval_errors_are_one_line_before_any_model_load(workdir, tmp_path, monke
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     fails(["--model", str(workdir / "student"), "--data", str(data), "--tp", "2"],
           "--tp 2 x --pp 1 needs a multiple of 2 processes, 1 started")
+
+
+def test_an_optimizer_our_checkpoints_do_not_handle_is_refused_and_auto_micro_size_resolved(workdir, tmp_path,
+                                                                                          monkeypatch):
+    """Transformer Engine (or Apex) installed: megatron-core would build its FusedAdam, whose per-group step our
+    checkpoints lose; the job refuses in one line naming what to do. batch.micro_size=auto is written back as the
+    plan's choice, which divides a rank's share of the batch."""
+    import megatron.core.optimizer as megatron_optimizer
+
+    argv = overrides(workdir, extra=[f"checkpoint.dir={tmp_path}/ck", f"logging.dir={tmp_path}/tb"])
+
+    class FusedAdam:
+        pass
+
+    FusedAdam.__module__ = "transformer_engine.pytorch.optimizers"
+    with monkeypatch.context() as patched:
+        patched.setattr(megatron_optimizer, "USING_PYTORCH_OPTIMIZER", False, raising=False)
+        patched.setattr(megatron_optimizer, "Adam", FusedAdam)
+        message = _preflight_error(argv)
+    assert message.startswith("optimizer: megatron-core would build transformer_engine.pytorch.optimizers.FusedAdam "
+                               "(Transformer Engine or Apex is installed)"), message
+    assert "pip uninstall transformer-engine apex" in message
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.training.inputs import check_inputs
+
+    cfg = load_config(None, argv + ["batch.micro_size=auto"])
+    inputs = check_inputs(cfg)
+    assert cfg.batch.micro_size == inputs.memory_plan.inputs.micro_batch == cfg.batch.global_size   # tiny: all fit

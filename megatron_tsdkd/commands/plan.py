@@ -1,6 +1,8 @@
-"""``tsdkd-plan``: the per-rank GPU memory plan of a training config, with a verdict, before anything is queued.
+"""``tsdkd-plan``: the per-rank GPU memory plan of a training config, with a verdict, before anything is queued;
+with ``--host-memory-gib`` also the host memory of one node (its ``--gpus-per-node`` ranks).
 
     tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80 [key=value ...]
+    tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --host-memory-gib 1024
 
 The world size comes from ``--world-size``, else ``--nodes`` x ``--gpus-per-node``, else the Slurm allocation; with
 none of them the command stops instead of silently planning for one model-parallel group. Model configs come from
@@ -35,12 +37,16 @@ def main(argv=None) -> None:
     parser.add_argument("--nodes", type=int, help="nodes in the job (with --gpus-per-node)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gib", type=float, help="memory per GPU (default: memory.gpu_memory_gib)")
+    parser.add_argument("--host-memory-gib", type=float,
+                        help="host memory per node for the job: adds the node's host plan (default: "
+                             "memory.host_memory_gib; unset: no host plan)")
     parser.add_argument("--student-config", help="HF folder or config.json (default: models.student.path)")
     parser.add_argument("--teacher-config", help="HF folder or config.json (default: models.teacher.path)")
     args = parser.parse_args(argv)
 
     from megatron_tsdkd.config import ConfigError, load_config
     from megatron_tsdkd.methods import method_class
+    from megatron_tsdkd.training.host_memory_plan import node_facts
     from megatron_tsdkd.training.memory_plan import load_hf_spec, plan_for_config
 
     try:
@@ -54,8 +60,10 @@ def main(argv=None) -> None:
     world = args.world_size or (args.nodes * args.gpus_per_node if args.nodes else None) or _world_size_from_env()
     if not world:
         _fail("--world-size: how many GPUs will the job have? pass --world-size N (or --nodes N --gpus-per-node G)")
+    host = args.host_memory_gib or cfg.memory.host_memory_gib
+    node = node_facts(min(world, args.gpus_per_node), False, host) if host else None
     try:
-        plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib)
+        plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node)
     except ValueError as error:
         _fail(f"parallel layout: {error}")
     print(f"student config: {where_s}")
@@ -64,4 +72,7 @@ def main(argv=None) -> None:
     print(plan.table())
     if not plan.fits:
         print(f"suggestion: {suggestion}")
+    if plan.host is not None and not plan.host.fits:
+        print(f"suggestion (host): {plan.host.advice(cfg.precision.dtype, False, cfg.engine)}")
+    if not plan.fits or (plan.host is not None and not plan.host.fits):
         raise SystemExit(1)

@@ -36,7 +36,8 @@ import torch
 from megatron_tsdkd.generation.generate import GenerationOutput
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
 from megatron_tsdkd.models.mapping import VOCABULARY_TENSORS
-from megatron_tsdkd.runtime.device_choices import vllm_attention_backend, vllm_replica_options
+from megatron_tsdkd.runtime.device_choices import (release_cached_memory, vllm_attention_backend,
+                                                   vllm_replica_options)
 from megatron_tsdkd.runtime.warnings import native_stderr_filtered
 
 INSTALL_HINT = 'pip install -e ".[vllm]"'
@@ -134,13 +135,17 @@ class VllmReplica:
 
     def sleep(self) -> None:
         """Free the KV cache and the weights while the trainer uses the GPU (sleep mode, GPU only); the next
-        ``load_weights`` brings the weights back."""
+        ``load_weights`` brings the weights back. The freed pool goes back to the device, not to PyTorch's cache."""
         if self.options.get("enable_sleep_mode") and not self.asleep:
             self.llm.sleep(level=2)
+            release_cached_memory()
             self.asleep = True
 
     def wake_up(self) -> None:
+        """Before vLLM allocates its share again, the training step's cached blocks go back to the device: the
+        memory plan's rollout peak is static memory plus the replica, not plus the step's reserved peak."""
         if self.asleep:
+            release_cached_memory()
             self.llm.wake_up()
             self.asleep = False
 

@@ -59,6 +59,14 @@ def device_kind() -> str:
     return "GPU" if _cuda() else "CPU"
 
 
+def release_cached_memory() -> None:
+    """Return PyTorch's cached free blocks to the GPU: at the training -> rollout boundary, before a vLLM replica
+    wakes up and allocates its share beside them (and after it sleeps), so the step's reserved peak does not stay
+    reserved while vLLM's pool takes memory (the plan counts static + max(train, rollout), which only holds if
+    the training phase's blocks are returned). A no-op where CUDA was never initialised (CPU)."""
+    torch.cuda.empty_cache()
+
+
 def vllm_replica_options(memory_fraction: float, kv_cache_bytes: int) -> dict:
     """The vLLM engine arguments of a rollout replica (generation/vllm_replica.py) that must differ by device.
     GPU: CUDA graphs (the reason to use vLLM), sleep mode (the replica frees its KV cache and weights while the

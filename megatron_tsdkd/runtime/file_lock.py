@@ -22,7 +22,7 @@ file is the one judged stale; a live lock moved by mistake is linked back.
 
 Waiters never spin: they poll with a backoff from 50 ms to ``max_poll_s``.
 
-Hand-written because no library does all of it: filelock, which setup.py admits from 3.12, raises
+Hand-written because no library does all of it: filelock (installed with transformers) raises
 NotImplementedError on ENOSYS up to 3.20 and takes ENOLCK / EOPNOTSUPP for a lock held by another (a wait until the
 timeout); its later soft fallback reacts to ENOSYS only and recovers a dead holder's file on the same host only.
 """

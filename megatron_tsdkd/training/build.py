@@ -108,19 +108,21 @@ def build_parts(cfg: TrainConfig, inputs: Optional[RunInputs] = None) -> Trainin
     return TrainingParts(inputs, student, teacher, stage, build_method(cfg.method), sampler, optimizer,
                          build_scheduler(cfg, optimizer, total_steps), total_steps,
                          b.global_size // (dp_size * b.micro_size), preemption, inputs.memory_plan,
-                         build_vllm_rollouts(cfg, inputs, partial(student_hf_tensors, student, inputs),
+                         build_vllm_rollouts(cfg, inputs, partial(student_hf_tensors, student, inputs,
+                                                                  cfg.rollout.weight_sync_bucket_mb),
                                              ps.get_model_parallel_group(), b.global_size // dp_size))
 
 
-def student_hf_tensors(student, inputs: RunInputs):
-    """The student's weights as HF tensors, streamed to every rank of its model-parallel group (the vLLM sync)."""
+def student_hf_tensors(student, inputs: RunInputs, bucket_mb: int = 256):
+    """The student's weights as HF tensors, streamed to every rank of its model-parallel group (the vLLM sync), in
+    buckets of ``bucket_mb`` MiB (rollout.weight_sync_bucket_mb)."""
     from megatron.core.utils import unwrap_model
 
     from megatron_tsdkd.models.hf_config import arch_spec
     from megatron_tsdkd.models.weight_stream import stream_hf_tensors
 
     sync_student_params(student)   # overlap_param_gather: the last step's weights
-    return stream_hf_tensors(unwrap_model(student), arch_spec(inputs.student.hf_config))
+    return stream_hf_tensors(unwrap_model(student), arch_spec(inputs.student.hf_config), bucket_bytes=bucket_mb << 20)
 
 
 def build_vllm_rollouts(cfg: TrainConfig, inputs: RunInputs, stream_weights, group, rows_per_rank: int):

@@ -116,11 +116,13 @@ def teacher_ds_config(cfg: TrainConfig) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """megatron-core's default rule: no weight decay for biases and 1-D parameters (norms)."""
+    """megatron-core's default rule: no weight decay for biases and 1-D parameters (norms). A parameter built under
+    ZeRO-3's zero.Init holds an empty placeholder; its real shape is ``ds_shape``."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.dim() == 1 or name.endswith(".bias") else decay).append(param)
+            dims = len(getattr(param, "ds_shape", param.shape))
+            (no_decay if dims == 1 or name.endswith(".bias") else decay).append(param)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
             if g["params"]]
 
@@ -133,10 +135,32 @@ def check_hf_sources(inputs: RunInputs) -> None:
                                  f"{source.path} --out <folder>) or use engine=megatron")
 
 
-def load_hf_model(source, dtype: torch.dtype) -> torch.nn.Module:
+def load_hf_model(source, dtype: torch.dtype, zero3_config: Optional[dict] = None) -> torch.nn.Module:
+    """The HF model of ``source`` in ``dtype``. With ``zero3_config`` (the DeepSpeed config of the ZeRO-3 engine it
+    will join) it is loaded partitioned, so no rank ever holds a full copy (issue 27): transformers builds it under
+    ``deepspeed.zero.Init`` (each module's parameters split over the ranks as soon as the module exists, on the
+    accelerator), then fills one module at a time: the ranks all-gather that module, rank 0 copies its tensors from
+    the memory-mapped checkpoint, DeepSpeed re-partitions. Every rank maps the shard files; only rank 0 reads them.
+    Without it (a ZeRO-2 student: ZeRO-2 replicates parameters, so every rank needs the whole student anyway; a
+    teacher kept as a full copy per rank) every rank loads the whole model.
+
+    transformers finds the config through a weak global reference to the last ``HfDeepSpeedConfig`` made: this one
+    is held for the load only and dropped after, so the student's and the teacher's loads each see their own, and
+    nothing later (generate, save_pretrained) sees one, as before."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source.weights, dtype=dtype)
+    if zero3_config is None:
+        return AutoModelForCausalLM.from_pretrained(source.weights, dtype=dtype)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(zero3_config)
+    if not live.is_zero3():
+        raise ValueError("load_hf_model: zero3_config must be a ZeRO stage 3 config")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.weights, dtype=dtype)
+    finally:
+        unset_hf_deepspeed_config()
+        del live
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,18 +208,21 @@ class DeepSpeedTrainer(TrainingLoop):
 
         dtype = DTYPES[cfg.precision.dtype]
         torch.manual_seed(cfg.seed)
-        student = load_hf_model(inputs.student, torch.float32)   # DeepSpeed casts; fp32 masters from the source
+        # ZeRO-3 models load partitioned (load_hf_model); DeepSpeed casts the student to the training dtype
+        student_config, teacher_config = ds_config(cfg, self.dp_size), teacher_ds_config(cfg)
+        zero3 = cfg.deepspeed.zero_stage == 3
+        student = load_hf_model(inputs.student, torch.float32, student_config if zero3 else None)
         if cfg.models.recompute == "full":   # each layer's input kept, the layer recomputed in the backward
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=student, model_parameters=param_groups(student, cfg.optimizer.weight_decay),
-            config=ds_config(cfg, self.dp_size))
+            model=student, model_parameters=param_groups(student, cfg.optimizer.weight_decay), config=student_config)
         self.teacher = None
         if inputs.teacher is not None:
-            teacher = load_hf_model(inputs.teacher, dtype)
+            partitioned = cfg.deepspeed.teacher_zero3_inference
+            teacher = load_hf_model(inputs.teacher, dtype, teacher_config if partitioned else None)
             teacher.requires_grad_(False)
-            if cfg.deepspeed.teacher_zero3_inference:
-                teacher, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config(cfg))
+            if partitioned:
+                teacher, *_ = deepspeed.initialize(model=teacher, config=teacher_config)
             else:
                 teacher = teacher.to(self.device)
             teacher.eval()

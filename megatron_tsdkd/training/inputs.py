@@ -119,9 +119,35 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     if unanswered:
         raise PreflightError(f"data.eval: {unanswered} has no \"answer\"; every evaluation problem needs one")
     _check_world(cfg)
-    _check_resume(cfg)
+    _check_optimizer(cfg)
     _resolve_rollout_engine(cfg, student)   # before the memory plan, which counts a vLLM replica's share
-    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), _memory_plan(cfg, student, teacher))
+    plan = _memory_plan(cfg, student, teacher)
+    _resolve_micro_size(cfg, plan)          # before the resume check, which compares the sizes a run used
+    _check_resume(cfg)
+    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), plan)
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """The megatron engine's optimizer must be one our checkpoints handle (training/optim.py)."""
+    if cfg.engine == "megatron":
+        from megatron_tsdkd.training.optim import unsupported_optimizer
+
+        reason = unsupported_optimizer()
+        if reason:
+            raise PreflightError(reason)
+
+
+def _resolve_micro_size(cfg: TrainConfig, plan) -> None:
+    """``batch.micro_size=auto`` as the memory plan chose it (the largest that fits), written back into ``cfg``."""
+    import dataclasses
+    import logging
+
+    if cfg.batch.micro_size == "auto":
+        cfg.batch = dataclasses.replace(cfg.batch, micro_size=plan.inputs.micro_batch)
+        if os.environ.get("RANK", "0") == "0":
+            logging.getLogger("megatron_tsdkd.train").info(
+                "batch.micro_size=auto: %d, the largest micro-batch the memory plan fits (%s)",
+                plan.inputs.micro_batch, plan.verdict().removeprefix("verdict: "))
 
 
 def _resolve_rollout_engine(cfg: TrainConfig, student: ModelSource) -> None:
@@ -149,15 +175,25 @@ def _resolve_rollout_engine(cfg: TrainConfig, student: ModelSource) -> None:
 def _memory_plan(cfg: TrainConfig, student: ModelSource, teacher: Optional[ModelSource]):
     """Refuses (MemoryPlanError: a sentence, then the table) a layout that cannot fit, before anything starts."""
     from megatron_tsdkd.runtime.device_choices import device_memory_bytes
+    from megatron_tsdkd.training.host_memory_plan import node_facts
     from megatron_tsdkd.training.memory_plan import check_memory_plan
 
+    device_bytes = device_memory_bytes()   # None: a CPU run, whose models live in host memory
+    node = node_facts(launcher_ranks_per_node(), device_bytes is None, cfg.memory.host_memory_gib)
     return check_memory_plan(cfg, launcher_world_size(), student.hf_config,
-                             teacher.hf_config if teacher is not None else None, device_memory_bytes())
+                             teacher.hf_config if teacher is not None else None, device_bytes, node)
 
 
 def launcher_world_size() -> int:
     """The world the launcher starts (torchrun's WORLD_SIZE, else Slurm's task count), 1 without a launcher."""
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def launcher_ranks_per_node() -> int:
+    """The processes the launcher starts on this node (torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node,
+    else the whole world: one node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+               or launcher_world_size())
 
 
 def _check_world(cfg: TrainConfig) -> None:
@@ -167,7 +203,8 @@ def _check_world(cfg: TrainConfig) -> None:
                              f"{model_parallel} does not divide the {world} processes started (start a multiple of "
                              f"{model_parallel}, e.g. torchrun --nproc-per-node {model_parallel})")
     data_parallel = world // model_parallel
-    if cfg.batch.global_size % (data_parallel * cfg.batch.micro_size):
+    micro = 1 if cfg.batch.micro_size == "auto" else cfg.batch.micro_size   # auto: a divisor (memory_plan.py)
+    if cfg.batch.global_size % (data_parallel * micro):
         raise PreflightError(f"batch.global_size: {cfg.batch.global_size} is not a multiple of data-parallel size "
                              f"{data_parallel} x batch.micro_size {cfg.batch.micro_size}")
 

@@ -29,6 +29,24 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list, params_dtype: torch.dt
     return get_megatron_optimizer(config, model_chunks)
 
 
+def unsupported_optimizer() -> str | None:
+    """Why this environment's megatron-core would build an optimizer whose state our checkpoints do not handle, or
+    None. megatron-core takes Transformer Engine's FusedAdam where TE imports, else Apex's, else torch's AdamW
+    (megatron/core/optimizer/__init__.py); the fused ones keep Adam's step per parameter group, not per parameter,
+    so ``adam_step`` / ``set_adam_step`` / ``materialise_optimizer_state`` below would save 0 and restore nothing:
+    a resumed run would restart Adam's bias correction. Only torch's AdamW is tested (no GPU check has run TE), so
+    the job refuses the others before start (training/inputs.py)."""
+    import megatron.core.optimizer as megatron_optimizer
+
+    if getattr(megatron_optimizer, "USING_PYTORCH_OPTIMIZER", True):
+        return None
+    chosen = megatron_optimizer.Adam
+    return (f"optimizer: megatron-core would build {chosen.__module__}.{chosen.__name__} (Transformer Engine or Apex "
+            f"is installed), whose Adam state this project's checkpoints do not handle (training/optim.py: a resumed "
+            f"run would lose Adam's step count); train in an environment without them (pip uninstall "
+            f"transformer-engine apex), as `pip install -e .` sets it up")
+
+
 def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:
     o, s = cfg.optimizer, cfg.schedule
     warmup = int(round(s.warmup_fraction * total_steps))

@@ -17,7 +17,7 @@ equality); DeepSpeed has no estimator of activations, logits or the teacher, so 
 a ZeRO-3 inference engine (weights e*Nt/d plus its largest block gathered and one prefetched) or a full copy per GPU.
 The models are transformers modules at TP=1 with fused (SDPA) attention unless ``models.attention=local`` (HF's
 eager attention); their logits cover the whole vocabulary. Rollouts are transformers' ``generate``: a KV cache for
-the rank's sequences of the step.
+the rank's sequences of the step. ``zero_host_load_bytes`` is the host's side of loading, for the host verdict.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec
 from megatron_tsdkd.training.memory_plan import (GIB, LOSS_CHUNK_COPIES, RUNTIME_RESERVE, MemoryPlan, PlanInputs,
                                                  Row, layer_parameters, layer_saved_activations, stage_end_activations,
-                                                 stage_parameters, layer_working_set, vllm_replica_rows)
+                                                 stage_parameters, layer_working_set, total_parameters,
+                                                 vllm_replica_rows)
 
 ZERO_OPTIMIZER_BYTES = 16       # fp32 master + Adam moments + fp32 gradient partition, per parameter (bf16/fp16)
 GATHERED_BLOCK_BYTES = 4        # ZeRO-3: the largest block's 16-bit weights and gradients, gathered
@@ -126,6 +127,46 @@ def plan_zero_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: Pla
                         note=f"{batch} sequences x {i.rollout_len} tokens"))
         rows.append(Row("sampling logits", [batch * vocab * 4 * 2], "rollout"))
     return plan
+
+
+def largest_tensor(spec: ArchSpec) -> int:
+    """The most elements in one HF tensor: the embedding (or output layer), an MLP projection or the query one."""
+    return max(spec.vocab_size * spec.hidden_size, spec.ffn_hidden_size * spec.hidden_size,
+               spec.num_heads * spec.head_dim * spec.hidden_size)
+
+
+def zero_host_load_bytes(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs,
+                         zero: ZeroSettings) -> int:
+    """Per rank, the peak host bytes the DeepSpeed engine materialises while it loads its models, beyond the ZeRO
+    partitions themselves (the device plan counts those; on a GPU they live there). For the host verdict
+    (host_memory_plan.py), which multiplies it by the ranks of a node.
+
+    Partitioned (a ZeRO-3 student; the teacher under teacher_zero3 inference) a model is built under zero.Init and
+    filled one module at a time from the memory-mapped checkpoint (deepspeed_engine.load_hf_model): only rank 0
+    copies, and a tensor whose dtype differs from its parameter's is converted on the host first (torch's copy to a
+    GPU): at most the largest tensor in fp32, 4*T (counted for every rank). Unpartitioned every rank materialises the
+    whole model before it goes to the GPU: 4*N for the student (loaded in fp32, DeepSpeed casts; ZeRO-2 replicates
+    the parameters, so it cannot load partitioned), e*Nt for a teacher kept as a full copy. The models load one after
+    the other and the student's host copy is gone (partitioned or moved to the GPU by deepspeed.initialize) before
+    the teacher's load: the peak is the larger of the two. The checkpoint pages the loader reads are page cache
+    (mapped files: reclaimable, shared by the node's ranks), not counted. On a CPU run an unpartitioned model's host
+    copy becomes its device copy, which the device plan counts too: an overestimate there."""
+    elem = DTYPES[inputs.dtype].itemsize
+    peak = 4 * (largest_tensor(student) if zero.zero_stage == 3 else total_parameters(student))
+    if teacher is not None:
+        peak = max(peak, 4 * largest_tensor(teacher) if zero.teacher_zero3 else elem * total_parameters(teacher))
+    return peak
+
+
+def zero_host_state_bytes(student: ArchSpec, inputs: PlanInputs, zero: ZeroSettings) -> int:
+    """Per rank, the optimizer state ZeRO-Offload keeps in host memory (deepspeed.offload_optimizer=cpu): this
+    rank's partition of the fp32 master weights and Adam moments, and of the fp32 gradients it steps on; 0 without
+    offload. The host verdict (host_memory_plan.py) multiplies it by the ranks of a node."""
+    if not zero.offload_optimizer:
+        return 0
+    e = DTYPES[inputs.dtype].itemsize
+    per_parameter = ZERO_OPTIMIZER_BYTES if e < 4 else ZERO_OPTIMIZER_BYTES - 4   # the fp32 gradients included
+    return -(-per_parameter * total_parameters(student) // inputs.dp)
 
 
 def zero_settings(cfg) -> ZeroSettings:
