@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from megatron_tsdkd.losses.inputs import Targets
+
 from .chat_tokenization import TokenizedExample
 
 IdRows = Sequence[Sequence[int]]
@@ -35,6 +37,9 @@ class TrainingBatch:
     # [B, L] float: on response targets, the log-probability the rollout engine gave that token when it sampled it
     # (GenerationOutput.logprobs); 0 elsewhere. None for data not sampled by the student (off-policy steps).
     rollout_logprobs: Optional[torch.Tensor] = None
+    # loss_mask's targets found on the host while collating (positions, label range: losses/inputs.py), so the
+    # losses read nothing back from the device; None (a batch built by hand) lets them read the mask instead.
+    targets: Optional[Targets] = None
 
     @property
     def num_targets(self) -> int:
@@ -93,6 +98,7 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
     width = _padded_length(max(lengths), pad_to, pad_to_multiple_of)
     input_ids = torch.full((len(rows), width + 1), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    positions, labels = [], []   # the targets (mask != 0), row-major, and their labels: the response tokens
     for row, (prompt, response, weights) in enumerate(rows):
         ids = list(prompt) + list(response)
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -102,6 +108,9 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
             if len(weights) != len(response):
                 raise ValueError(f"row {row}: {len(weights)} response weights for {len(response)} response tokens")
             loss_mask[row, len(prompt) - 1:len(ids) - 1] = torch.tensor(list(weights), dtype=torch.float32)
+        kept = [j for j in range(len(response)) if weights is None or weights[j] != 0]
+        positions += [row * width + len(prompt) - 1 + j for j in kept]
+        labels += [int(response[j]) for j in kept]
     rollout_logprobs = None
     if logprobs is not None:
         if len(logprobs) != len(rows):
@@ -120,6 +129,8 @@ def collate_training(examples: Sequence[Union[TokenizedExample, tuple]], pad_id:
         prompt_lengths=torch.tensor([len(p) for p, _, _ in rows], dtype=torch.long),
         lengths=torch.tensor(lengths, dtype=torch.long),
         rollout_logprobs=rollout_logprobs,
+        targets=Targets(torch.tensor(positions, dtype=torch.long), (len(rows), width),
+                        (min(labels), max(labels)) if labels else (0, 0)),
     )
 
 

@@ -8,44 +8,54 @@ d/dz = softmax(z) - onehot(label); the label's logit comes from its owning rank.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from megatron_tsdkd.losses.inputs import flatten_logits, target_positions
+from megatron_tsdkd.losses.inputs import Targets, flatten_logits, positions_of
 from megatron_tsdkd.losses.token_statistics import compute_dtype, upcast_rows
 from megatron_tsdkd.losses.vocab_parallel import VocabShard, all_reduce_, global_max
 
 
-def _targets(logits, labels, mask, tp_group, vocab_size):
-    """(2-D logits view, shard, flat target positions, their labels), with the labels checked."""
+def _targets(logits, labels, mask, tp_group, vocab_size, known: Optional[Targets] = None):
+    """(2-D logits view, shard, flat target positions, their labels), with the labels checked: on the host from
+    ``known`` (the collated batch's ``Targets``, no device read), else on the device (one read)."""
     flat = flatten_logits("student", logits, mask)
     if tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match mask shape {tuple(mask.shape)}")
     shard = VocabShard.of(flat, tp_group, vocab_size)
-    targets = target_positions(mask)
+    targets = positions_of(mask, known)
     target_labels = labels.reshape(-1).index_select(0, targets).long()
-    if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= shard.vocab_size):
+    if known is not None:
+        bad = next((label for label in known.label_range if not 0 <= label < shard.vocab_size), None)
+    elif target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= shard.vocab_size):
         bad = target_labels[(target_labels < 0) | (target_labels >= shard.vocab_size)][0].item()
+    else:
+        bad = None
+    if bad is not None and targets.numel():
         raise ValueError(f"label {bad} at a masked-in position is outside the vocabulary [0, {shard.vocab_size})")
     return flat, shard, targets, target_labels
 
 
-def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024) -> torch.Tensor:
-    """sum_t mask_t * (-log p(labels_t)) / #(mask != 0): a token mean for 0/1 masks, a weighted sum for float ones."""
-    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size)
+def cross_entropy_loss(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024,
+                       targets: Optional[Targets] = None) -> torch.Tensor:
+    """sum_t mask_t * (-log p(labels_t)) / #(mask != 0): a token mean for 0/1 masks, a weighted sum for float ones.
+    ``targets``: the batch's host-side ``Targets`` (losses/inputs.py); None reads them off ``mask``."""
+    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size, targets)
     per_token = _CrossEntropyFunction.apply(flat, targets, target_labels, shard, int(chunk_size))
     weights = mask.reshape(-1).index_select(0, targets).to(per_token.dtype)
     return (per_token * weights).sum() / max(targets.numel(), 1)
 
 
 @torch.no_grad()
-def label_log_probs(logits, labels, mask, tp_group=None, vocab_size=None,
-                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def label_log_probs(logits, labels, mask, tp_group=None, vocab_size=None, chunk_size: int = 1024,
+                    targets: Optional[Targets] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per target (mask != 0, row-major): log p(label) in the compute dtype (fp32 for bf16 logits), and whether the
     label is the argmax over the real vocabulary (the first maximal column, as ``torch.argmax``: lm-eval's
     ``is_greedy``). The cross-entropy's chunked forward, without a graph: at most one chunk is ever upcast, and
-    the greedy test rides on its all-reduce (no extra collective)."""
-    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size)
+    the greedy test rides on its all-reduce (no extra collective). ``targets`` as in ``cross_entropy_loss``."""
+    flat, shard, targets, target_labels = _targets(logits, labels, mask, tp_group, vocab_size, targets)
     lse, label_logit, greedy = _label_terms(flat, targets, target_labels, shard, int(chunk_size), greedy=True)
     return label_logit - lse, greedy
 

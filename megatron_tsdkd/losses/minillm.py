@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_tsdkd.losses.cross_entropy import _CrossEntropyFunction
-from megatron_tsdkd.losses.inputs import check_same_shard, flatten_logits, target_positions, token_mean
+from megatron_tsdkd.losses.inputs import Targets, check_same_shard, flatten_logits, positions_of, token_mean
 from megatron_tsdkd.losses.token_statistics import Divergence, token_statistics
 from megatron_tsdkd.losses.vocab_parallel import VocabShard, gather_global_ids
 
@@ -68,9 +68,10 @@ def future_mean(values: torch.Tensor, mask: torch.Tensor, normalise: bool) -> to
 
 def minillm_loss(student_logits, teacher_logits, labels, mask, *, mix_alpha: float = 0.2, weight_clip: float = 0.2,
                  length_normalise: bool = True, tp_group=None, vocab_size: int | None = None,
-                 chunk_size: int = 1024) -> MiniLLMLossOutput:
+                 chunk_size: int = 1024, targets: Targets | None = None) -> MiniLLMLossOutput:
     """The MiniLLM surrogate (module docstring) on vocab-sharded logits [batch, seq, V/TP]; ``labels`` [batch, seq]
-    are the sampled tokens y_t scored at t, ``mask`` [batch, seq] marks the response targets (one response per row)."""
+    are the sampled tokens y_t scored at t, ``mask`` [batch, seq] marks the response targets (one response per row);
+    ``targets``: the batch's host-side ``Targets`` (losses/inputs.py), None reads them off ``mask``."""
     if not 0.0 <= mix_alpha < 1.0:
         raise ValueError(f"mix_alpha = {mix_alpha} must lie in [0, 1)")
     if not 0.0 <= weight_clip < 1.0:
@@ -81,7 +82,7 @@ def minillm_loss(student_logits, teacher_logits, labels, mask, *, mix_alpha: flo
     if tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match mask shape {tuple(mask.shape)}")
     shard = VocabShard.of(student, tp_group, vocab_size)
-    targets = target_positions(mask)
+    targets = positions_of(mask, targets)
     n = targets.numel()
     target_labels = labels.reshape(-1).index_select(0, targets).long()
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import torch
 
 from megatron_tsdkd.losses.cross_entropy import label_log_probs
+from megatron_tsdkd.losses.inputs import Targets, positions_of
 
 
 @torch.no_grad()
 def rollout_drift(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                   rollout_logprobs: torch.Tensor, tp_group=None, vocab_size=None,
-                  chunk_size: int = 1024) -> torch.Tensor:
+                  chunk_size: int = 1024, targets: Targets | None = None) -> torch.Tensor:
     """[sum |d|, sum (exp(d) - 1 - d), number of targets] over the response targets (mask != 0), fp32, on the
-    logits' device; ``rollout_logprobs`` [batch, seq] holds the engine's value at each target."""
-    trained, _ = label_log_probs(student_logits, labels, mask, tp_group, vocab_size, chunk_size)
-    sampled = rollout_logprobs.reshape(-1)[mask.reshape(-1) != 0].to(trained.dtype)
+    logits' device; ``rollout_logprobs`` [batch, seq] holds the engine's value at each target. ``targets``: the
+    batch's host-side ``Targets`` (losses/inputs.py); None reads them off ``mask``."""
+    trained, _ = label_log_probs(student_logits, labels, mask, tp_group, vocab_size, chunk_size, targets)
+    sampled = rollout_logprobs.reshape(-1).index_select(0, positions_of(mask, targets)).to(trained.dtype)
     d = trained - sampled
     return torch.stack([d.abs().sum(), (d.exp() - 1.0 - d).sum(), d.new_tensor(float(d.numel()))]).float()

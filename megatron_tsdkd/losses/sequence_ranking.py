@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from megatron_tsdkd.losses.cross_entropy import _CrossEntropyFunction
-from megatron_tsdkd.losses.inputs import check_same_shard, flatten_logits, target_positions
+from megatron_tsdkd.losses.inputs import Targets, check_same_shard, flatten_logits, positions_of
 from megatron_tsdkd.losses.vocab_parallel import VocabShard
 
 
@@ -37,10 +37,10 @@ def same_prompt(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.
 
 
 def response_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, shard: VocabShard,
-                             chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk_size: int, targets: Targets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per row: mean over its targets of log p(label), targets per row); 0 for a row without targets."""
     flat = logits.reshape(-1, logits.shape[-1])
-    targets = target_positions(mask)
+    targets = positions_of(mask, targets)
     labels = labels.reshape(-1).index_select(0, targets).long()
     token_log_p = -_CrossEntropyFunction.apply(flat, targets, labels, shard, int(chunk_size))
     rows = torch.div(targets, mask.shape[1], rounding_mode="floor")
@@ -51,16 +51,18 @@ def response_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor, mask: t
 
 def sequence_ranking_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                           mask: torch.Tensor, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, tp_group=None,
-                          vocab_size: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """L_seq over logits [batch, seq, V/TP] (module docstring); fp32 scalar, differentiable w.r.t. the student."""
+                          vocab_size: int | None = None, chunk_size: int = 1024,
+                          targets: Targets | None = None) -> torch.Tensor:
+    """L_seq over logits [batch, seq, V/TP] (module docstring); fp32 scalar, differentiable w.r.t. the student.
+    ``targets``: the batch's host-side ``Targets`` (losses/inputs.py); None reads them off ``mask``."""
     student = flatten_logits("student", student_logits, mask)
     check_same_shard(student, flatten_logits("teacher", teacher_logits, mask))
     if tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match mask shape {tuple(mask.shape)}")
     shard = VocabShard.of(student, tp_group, vocab_size)
-    scores, counts = response_log_likelihoods(student_logits, labels, mask, shard, chunk_size)
+    scores, counts = response_log_likelihoods(student_logits, labels, mask, shard, chunk_size, targets)
     with torch.no_grad():
-        teacher, _ = response_log_likelihoods(teacher_logits.detach(), labels, mask, shard, chunk_size)
+        teacher, _ = response_log_likelihoods(teacher_logits.detach(), labels, mask, shard, chunk_size, targets)
     valid = counts > 0
     rows = torch.arange(mask.shape[0], device=mask.device)
     group = same_prompt(input_ids, prompt_lengths) & valid.unsqueeze(0) & valid.unsqueeze(1)

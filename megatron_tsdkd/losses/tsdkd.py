@@ -32,7 +32,7 @@ import torch
 
 from megatron_tsdkd.losses.config import TSDKDLossConfig
 from megatron_tsdkd.losses import reference_compat
-from megatron_tsdkd.losses.inputs import check_same_shard, flatten_logits, target_positions, token_mean
+from megatron_tsdkd.losses.inputs import Targets, check_same_shard, flatten_logits, positions_of, token_mean
 from megatron_tsdkd.losses.plackett_luce import plackett_luce_nll
 from megatron_tsdkd.losses.reference_compat import completion_block
 from megatron_tsdkd.losses.term_gradients import term_gradient_norms
@@ -61,7 +61,8 @@ DIAGNOSTICS = (*(f"grad_norm/{t}" for t in TERMS), *(f"grad_share/{t}" for t in 
 def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                config: TSDKDLossConfig = TSDKDLossConfig(), tp_group=None, vocab_size: int | None = None,
                diagnose: bool = False, completion_start: torch.Tensor | None = None,
-               balance: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TSDKDLossOutput:
+               balance: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               targets: Targets | None = None) -> TSDKDLossOutput:
     """TSD-KD over logits [batch, seq, V/TP] (logits[b, t] scores the target at t; mask[b, t] != 0 marks targets).
 
     ``diagnose`` also fills ``diagnostics`` (module docstring): one extra backward per term, so diagnostic steps only.
@@ -71,6 +72,7 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     ``balance`` (``balance: shares``): called once with the three weighted terms' logit-gradient norms [3]
     (TP-reduced; None when the logits need no gradient), returns the detached weights [3] that multiply them in
     the total (losses/term_balance.py); the diagnostics then report the weighted terms.
+    ``targets``: the batch's host-side ``Targets`` (losses/inputs.py); None reads them off ``mask``.
     """
     student = flatten_logits("student", student_logits, mask)
     teacher = flatten_logits("teacher", teacher_logits, mask)
@@ -81,7 +83,7 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     if config.reference_compat:
         return _reference_tsdkd_loss(student, teacher, student_logits, mask, config, shard, tp_group, diagnose,
                                      completion_start, balance)
-    positions = target_positions(mask)
+    positions = positions_of(mask, targets)
     stats = token_statistics(student, teacher, positions, Divergence.generalized_jsd(config.beta), shard,
                              temperature=config.temperature, chunk_size=config.chunk_size,
                              top_k=config.top_k if config.use_indirect else 0, argmax=diagnose)

@@ -117,6 +117,12 @@ class DistillationMethod:
         """Restore ``state_dict()``'s output (an empty dict: nothing saved, e.g. an older checkpoint)."""
 
 
+def targets_of(batch: "TrainingBatch"):
+    """The batch's targets as collated on the host (``TrainingBatch.targets``), for the losses' ``targets``: then
+    no loss reads the device to find them. None for a batch built without them (the loss reads the mask)."""
+    return getattr(batch, "targets", None)
+
+
 METHODS: dict[str, type[DistillationMethod]] = {}
 
 

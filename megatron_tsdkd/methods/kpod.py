@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from megatron_tsdkd.checks import require, require_flags
 from megatron_tsdkd.losses import cross_entropy_loss
-from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, register
+from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, register, targets_of
 
 
 @dataclass(frozen=True)
@@ -53,5 +53,5 @@ class KPOD(DistillationMethod):
 
     def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
         loss = cross_entropy_loss(student_logits, batch.labels, batch.loss_mask, tp_group=tp_group,
-                                  vocab_size=vocab_size, chunk_size=self.config.chunk_size)
+                                  vocab_size=vocab_size, chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"weighted_nll": loss.detach()})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from megatron_tsdkd.checks import require, require_flags
 from megatron_tsdkd.generation.co_generation import CoSampling
 from megatron_tsdkd.losses.minillm import minillm_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register
+from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
 
 
 @dataclass(frozen=True)
@@ -46,5 +46,5 @@ class MiniLLM(DistillationMethod):
         c = self.config
         out = minillm_loss(student_logits, teacher_logits, batch.labels, batch.loss_mask, mix_alpha=c.mix_alpha,
                            weight_clip=c.weight_clip, length_normalise=c.length_normalise, tp_group=tp_group,
-                           vocab_size=vocab_size, chunk_size=c.chunk_size)
+                           vocab_size=vocab_size, chunk_size=c.chunk_size, targets=targets_of(batch))
         return MethodOutput(out.loss, {name: getattr(out, name).detach().float() for name in self.logs})

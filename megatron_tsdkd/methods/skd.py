@@ -19,7 +19,7 @@ from typing import Literal
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.generation.co_generation import CoSampling
 from megatron_tsdkd.losses import Divergence, divergence_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register
+from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
 
 
 @dataclass(frozen=True)
@@ -56,5 +56,5 @@ class SpeculativeKD(DistillationMethod):
     def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
         loss = divergence_loss(student_logits, teacher_logits, batch.loss_mask, self.config.divergence,
                                temperature=self.config.temperature, tp_group=tp_group, vocab_size=vocab_size,
-                               chunk_size=self.config.chunk_size)
+                               chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"divergence": loss.detach()})

@@ -14,7 +14,8 @@ from megatron_tsdkd.losses.sequence_ranking import sequence_ranking_loss
 from megatron_tsdkd.losses.term_balance import TermBalance
 from megatron_tsdkd.losses.term_gradients import term_gradient_norms
 from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS, TERMS
-from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, ShareWarning, register
+from megatron_tsdkd.methods.base import (DistillationMethod, MethodConfig, MethodOutput, ShareWarning, register,
+                                         targets_of)
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,14 @@ class TSDKD(DistillationMethod):
         start = batch.prompt_lengths - 1 if config.reference_compat else None
         balance = partial(self._balance_weights, group=data_parallel_group()) if self.balance else None
         out = tsdkd_loss(student_logits, teacher_logits, batch.loss_mask, config, tp_group=tp_group,
-                         vocab_size=vocab_size, diagnose=self.logging_step, completion_start=start, balance=balance)
+                         vocab_size=vocab_size, diagnose=self.logging_step, completion_start=start, balance=balance,
+                         targets=targets_of(batch))
         loss, metrics = out.loss, {name: getattr(out, name).detach().float() for name in self.logs}
         if sequence:
             indirect = sequence_ranking_loss(student_logits, teacher_logits, batch.labels, batch.loss_mask,
                                              batch.input_ids, batch.prompt_lengths, tp_group=tp_group,
-                                             vocab_size=vocab_size, chunk_size=self.config.chunk_size)
+                                             vocab_size=vocab_size, chunk_size=self.config.chunk_size,
+                                             targets=targets_of(batch))
             loss, metrics["indirect"] = loss + self.config.alpha * indirect, indirect.detach().float()
             if self.logging_step:   # the term shares with the sequence-level ranking term in place of the token one
                 c = self.config

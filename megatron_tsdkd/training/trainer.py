@@ -179,7 +179,7 @@ class Trainer(TrainingLoop):
             reported["diagnostics"] = torch.stack([result.diagnostics[k].float() for k in self.method.diagnostics])
         if batch.rollout_logprobs is not None:   # the rollout guard's sums (training/rollout_guard.py)
             reported["drift"] = rollout_drift(student_logits, batch.labels, batch.loss_mask, batch.rollout_logprobs,
-                                              self.tp_group, self.tokens.vocab_size)
+                                              self.tp_group, self.tokens.vocab_size, targets=batch.targets)
         return result.loss * tokens, tokens.to(torch.int), reported
 
     def _forward_step(self, data_iterator, model):
@@ -194,8 +194,8 @@ class Trainer(TrainingLoop):
         rollout = self._rollout(examples)
         pairs, on_policy = rollout.pairs, rollout.on_policy
         weights = None if on_policy else response_weights(examples)   # float loss weights of off-policy data
-        # each micro-batch padded to its own longest row; seq_len (the longest) only sizes the schedule's first
-        # buffers, the p2p sends each micro-batch's own shape (variable_seq_lengths, training/colocation.py)
+        # each micro-batch padded to its own longest row; at PP > 1 the p2p is told each one's shape, which every
+        # stage knows (training/colocation.py): seq_len (the longest) is what megatron's signature asks for
         batches, seq_len = micro_batches(pairs, self.cfg.batch.micro_size, self.tokens.pad_id,
                                          self.cfg.data.max_length, device(), weights=weights,
                                          sort_by_length=self.cfg.batch.sort_by_length, logprobs=rollout.logprobs)
@@ -206,7 +206,8 @@ class Trainer(TrainingLoop):
             reported = self.forward_backward(
                 forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.stage],
                 num_microbatches=self.parts.num_microbatches, seq_length=seq_len,
-                micro_batch_size=self.cfg.batch.micro_size, forward_only=False)
+                micro_batch_size=self.cfg.batch.micro_size, forward_only=False,
+                **self.stage.schedule_arguments(batches))
         drift = {}
         if on_policy:   # before the update: a run on broken rollouts stops without applying this step
             local = (torch.stack([r["drift"] for r in reported]).sum(0)
