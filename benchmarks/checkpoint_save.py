@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/checkpoint_save.py                       # CPU: spawns --ranks gloo processes
     torchrun --nproc-per-node 8 benchmarks/checkpoint_save.py --hidden 4096 --layers 32   # a GPU node
+    .venv/bin/python benchmarks/checkpoint_save.py --smoke              # tiny, one rank in this process: seconds
 
 Saves the trainer's checkpoint state (a Llama-shaped megatron-core GPTModel in DDP, its distributed Adam state in
-the trainer's format) through training/checkpoint.py's CheckpointWriter, alternating the two modes ``--repeats``
+the trainer's format) through engines/checkpoint.py's CheckpointWriter, alternating the two modes ``--repeats``
 times so a busy machine slows both alike, and prints per mode the median blocking time (the ``save`` call: what
 the training loop waits for) and the total time until the checkpoint is published (``latest`` moved), and their
 ratios, measured in one run. Data-parallel ranks > 1 exercise the fully parallel save (the replicated weights are
@@ -35,7 +36,7 @@ def build_state(args):
     from transformers import LlamaConfig
 
     from megatron_tsdkd.models import build_model
-    from megatron_tsdkd.training.optim import materialise_optimizer_state
+    from megatron_tsdkd.engines.megatron.optim import materialise_optimizer_state
 
     hf = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                      num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 128, 1),
@@ -54,7 +55,7 @@ def sharded_state(model, optimizer) -> dict:
     from megatron.core.utils import unwrap_model
 
     from megatron_tsdkd.models import MODEL_KEY
-    from megatron_tsdkd.training.trainer import OPTIMIZER_FORMAT
+    from megatron_tsdkd.engines.megatron.engine import OPTIMIZER_FORMAT
 
     model_sd = unwrap_model(model).sharded_state_dict()
     return {MODEL_KEY: model_sd,
@@ -68,7 +69,7 @@ def measure(args) -> None:
 
     from megatron_tsdkd.runtime import ParallelLayout, init_distributed
     from megatron_tsdkd.runtime.collectives import barrier, broadcast_object
-    from megatron_tsdkd.training.checkpoint import CheckpointWriter
+    from megatron_tsdkd.engines.checkpoint import CheckpointWriter
 
     init_distributed(ParallelLayout())
     rank = dist.get_rank()
@@ -119,16 +120,25 @@ def _spawned(rank: int, world: int, port: int, args) -> None:
     measure(args)
 
 
-def main() -> None:
+# --smoke (tests/test_benchmarks.py keeps the script alive): a one-layer model, one rank (no process spawned)
+SMOKE = dict(hidden=64, layers=1, vocab=256, ranks=1, repeats=1)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--ranks", type=int, default=2, help="processes to spawn when not under torchrun")
+    parser.add_argument("--ranks", type=int, default=2, help="processes to spawn when not under torchrun (1: this "
+                                                              "process, a world of one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: the system's temporary folder)")
-    args = parser.parse_args()
-    if "RANK" in os.environ:
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given")
+    args = parser.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    if "RANK" in os.environ or args.ranks == 1:
         measure(args)
         return
     import torch.multiprocessing as mp

@@ -2,6 +2,7 @@
 tokenise-once cache (one process builds, the others wait, every rank memory-maps), first build and cached start.
 
     python benchmarks/data_startup.py [--rows 1000000] [--ranks 2] [--shards 8] [--work DIR] [--baseline-rows N]
+    python benchmarks/data_startup.py --smoke     # 64 rows, 1 rank, temporary data removed after: the suite's check
 
 A synthetic set (arithmetic-chain prompts and worked responses, as the demo's, lengths varied) is written once as
 parquet shards and, with the same rows, as JSONL. Each phase starts ``--ranks`` processes at once, as torchrun starts
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,16 +111,34 @@ def phase(mode: str, path: str, cache: str, ranks: int) -> dict:
             "per_rank": results, "wall": wall}
 
 
-def main() -> None:
+# --smoke (tests/test_benchmarks.py keeps the script alive): every phase at 64 rows, one rank each
+SMOKE = dict(rows=64, ranks=1, shards=2)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--ranks", type=int, default=2, help="processes started at once, as one node's ranks")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--work", default="", help="folder for the synthetic data and the cache (default: a temp dir)")
     parser.add_argument("--baseline-rows", type=int, default=0, help="today's path on this many first rows only")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given; a temporary "
+                                                             "--work is removed at the end")
+    args = parser.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="data_startup-")
     os.makedirs(work, exist_ok=True)
+    try:
+        measure(args, work)
+    finally:
+        if args.smoke and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: str) -> None:
+    """Write the data into ``work``, run the three phases and print their figures and ratios."""
     t = time.perf_counter()
     jsonl, folder = write_data(work, args.rows, args.shards)
     print(f"data: {args.rows:,} rows, {args.shards} parquet shards + the same rows as JSONL in {work} "

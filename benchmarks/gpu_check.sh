@@ -435,11 +435,11 @@ import signal
 import sys
 import time
 
-from megatron_tsdkd.training import checkpoint
-from megatron_tsdkd.training.trainer import Trainer
+from megatron_tsdkd.engines import checkpoint
+from megatron_tsdkd.engines.trainer import Trainer
 
 save, train_step = Trainer.save_checkpoint, Trainer.train_step
-finalize, publish = checkpoint.CheckpointWriter.finalize, checkpoint.CheckpointWriter._publish
+finalize, publish = checkpoint.CheckpointWriter.finalize, checkpoint.CheckpointWriter.publish
 began, waited = {}, [0.0]
 PREEMPT_AT = int(os.environ.get("GPU_CHECK_PREEMPT_AT", "0"))
 
@@ -483,7 +483,7 @@ def preempted_step(self):
 
 
 Trainer.save_checkpoint, Trainer.train_step = watched_save, preempted_step
-checkpoint.CheckpointWriter.finalize, checkpoint.CheckpointWriter._publish = watched_finalize, watched_publish
+checkpoint.CheckpointWriter.finalize, checkpoint.CheckpointWriter.publish = watched_finalize, watched_publish
 from megatron_tsdkd.cli import main  # noqa: E402
 
 if __name__ == "__main__":   # the checkpoint writer's helper processes import this file again

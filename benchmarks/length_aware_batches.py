@@ -4,6 +4,7 @@ sorted by length (``batch.sort_by_length``), in one run.
 
     .venv/bin/python benchmarks/length_aware_batches.py                 # ~2 min on 2 CPU cores
     .venv/bin/python benchmarks/length_aware_batches.py --scale 4 --batch 32 --micro 4 --steps 5
+    .venv/bin/python benchmarks/length_aware_batches.py --smoke        # tiny, seconds: the suite's check
 
 Length mix: prompts uniform in 50..900 tokens, responses uniform in 20..1024 (a reasoning-distillation step).
 
@@ -108,8 +109,9 @@ def make_workdir(root: str) -> int:
 
 
 def step_times(args, root: str, vocab: int) -> dict:
-    import megatron_tsdkd.training.trainer as trainer_module
     from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.engines.loop import Rollout
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     max_length = -(-(PROMPTS[1] + RESPONSES[1]) // args.scale)
     argv = [f"models.student.path={root}/student", f"models.teacher.path={root}/teacher",
@@ -120,32 +122,33 @@ def step_times(args, root: str, vocab: int) -> dict:
             "checkpoint.interval=0", "logging.progress_bar=false", f"logging.dir={root}/tb", "memory.enforce=false"]
     rng = random.Random(args.seed + 1)
     steps = [draw_rows(rng, args.batch, args.scale, vocab) for _ in range(args.steps + 1)]
-    original = trainer_module.micro_batches
     out = {}
-    trainer_module.build_trainer(load_config(None, argv)).train_step()   # first-build costs (imports, allocator)
+    build_trainer(load_config(None, argv)).train_step()   # first-build costs (imports, allocator)
     for variant in VARIANTS:
-        trainer = trainer_module.build_trainer(load_config(None, argv))
+        trainer = build_trainer(load_config(None, argv))
         queue = iter(steps)
-        trainer._rollout = lambda examples: (next(queue), False, 0.0)   # the mix's rows instead of the data set's
+        # the step's public seams (engines/trainer.py): the mix's rows instead of the data set's, cut our way
+        trainer.rollout = lambda examples: Rollout(next(queue), on_policy=False)
         padded = []
 
-        def collate(pairs, micro_size, pad_id, max_len, device=None, **options):
-            batches = cut(pairs, micro_size, max_len, variant, device)
+        def collate(rollout, examples, variant=variant, padded=padded):
+            batches = cut(rollout.pairs, args.micro, max_length, variant, trainer.engine.device)
             padded.append(padded_tokens(batches))
             return batches, max(b.input_ids.shape[1] for b in batches)
 
-        trainer_module.micro_batches = collate
-        try:
-            trainer.train_step()   # warm-up
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-            seconds = (time.perf_counter() - start) / args.steps
-        finally:
-            trainer_module.micro_batches = original
+        trainer.batches_of = collate
+        trainer.train_step()   # warm-up
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        seconds = (time.perf_counter() - start) / args.steps
         real = sum(len(p) + len(r) for rows in steps[1:] for p, r in rows)
         out[variant] = {"seconds": seconds, "ratio": sum(padded[1:]) / real}
     return out
+
+
+# --smoke (tests/test_benchmarks.py keeps the script alive): 4 rows a step, 2 per micro-batch, lengths / 32
+SMOKE = dict(batch=4, micro=2, scale=32, steps=1, ratio_steps=4, threads=1)
 
 
 def main(argv=None) -> None:
@@ -157,7 +160,11 @@ def main(argv=None) -> None:
     p.add_argument("--ratio-steps", type=int, default=200, help="steps drawn for the padding ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given")
     args = p.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     ratios = padding_ratios(args)

@@ -1,6 +1,7 @@
 """Peak memory and time of the full TSD-KD loss, forward + backward: chunked vocab-parallel vs. dense PyTorch.
 
     .venv/bin/python benchmarks/loss_memory.py --tokens 4096 --vocab 152064
+    .venv/bin/python benchmarks/loss_memory.py --smoke      # tiny sizes, seconds: the suite's check
 
 Each variant runs in its own subprocess on the same bf16 inputs (student with requires_grad, teacher without). The
 peak is the growth of the process's peak resident set (getrusage ru_maxrss) over its value once the inputs exist,
@@ -91,15 +92,23 @@ def run_variant(variant: str, tokens: int, vocab: int, chunk_size: int, repeats:
             "loss": float(loss), "grad_norm": float(student.grad.float().norm())}
 
 
-def main() -> None:
+# --smoke (tests/test_benchmarks.py keeps the script alive): small, yet each variant's peak still grows measurably
+SMOKE = dict(tokens=128, vocab=4096, chunk_size=32, repeats=1)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk of the chunked variant")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is reported)")
     parser.add_argument("--variants", default="chunked,dense")
+    parser.add_argument("--smoke", action="store_true", help=f"small sizes ({SMOKE}) unless given")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_variant(args.worker, args.tokens, args.vocab, args.chunk_size, args.repeats)))
         return

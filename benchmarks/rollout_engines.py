@@ -3,6 +3,7 @@ the cost of a vLLM weight sync.
 
     .venv/bin/python benchmarks/rollout_engines.py                      # ~2 minutes on 2 CPU cores
     .venv/bin/python benchmarks/rollout_engines.py --prompts 64 --new-tokens 256 --layers 8
+    .venv/bin/python benchmarks/rollout_engines.py --smoke              # tiny, seconds: the suite's check
 
 Why: ``rollout.engine=vllm`` (generation/vllm_replica.py, vllm_rollouts.py) only pays off if vLLM's decode is faster
 than ours by more than the weight sync it adds to every step; this prints both figures for one model.
@@ -79,6 +80,11 @@ def hf_generate(model, prompts, config: SamplingConfig, device) -> int:
     return new.shape[0] * new.shape[1]   # min_new_tokens: every row has every column
 
 
+# --smoke (tests/test_benchmarks.py keeps the script alive): one layer, head_dim 64 (vLLM's CPU minimum), 2 prompts
+SMOKE = dict(prompts=2, min_prompt=4, max_prompt=8, new_tokens=4, layers=1, hidden=128, heads=2, kv_heads=1,
+             intermediate=128, vocab=512, repeats=1, sync_repeats=1)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=16)
@@ -97,7 +103,11 @@ def main(argv=None) -> None:
     p.add_argument("--sync-repeats", type=int, default=3)
     p.add_argument("--attention", default="auto", help="megatron attention backend (auto: as training picks)")
     p.add_argument("--vllm-memory-fraction", type=float, default=0.3, help="the replica's GPU share (GPU only)")
+    p.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given")
     args = p.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +139,7 @@ def main(argv=None) -> None:
                               + args.new_tokens, max_rows=args.prompts, memory_fraction=args.vllm_memory_fraction)
         start_s = time.perf_counter() - started
         spec = arch_spec(hf_config)
-        rollouts = VllmRollouts(replica, lambda: stream_hf_tensors(megatron, spec),
+        rollouts = VllmRollouts(replica, lambda: stream_hf_tensors(megatron, spec), (),
                                 group=ps.get_model_parallel_group())
         seeds = list(range(args.prompts))
 
@@ -146,7 +156,7 @@ def main(argv=None) -> None:
                    "HF transformers generate": lambda cfg: hf_generate(hf, prompts, cfg, dev)}
 
         # warm-up: the first rollout also loads the megatron weights into the replica (its first sync)
-        _, first_sync = rollouts.generate(prompts, warm, eos_token_ids=(), generator_seed=0)
+        _, first_sync = rollouts.generate(prompts, warm, generator_seed=0)
         syncs = []
         for _ in range(args.sync_repeats):   # the last sync leaves the replica awake with the current weights
             rollouts.weights_changed()

@@ -1,6 +1,7 @@
 """Tokens/s of KV-cached generation against re-running the whole sequence for every new token, same model, one run.
 
     .venv/bin/python benchmarks/rollout_kv_cache.py --new-tokens 128
+    .venv/bin/python benchmarks/rollout_kv_cache.py --smoke     # tiny sizes, seconds: the suite's check
 
 A randomly initialised Qwen2-style model (RMSNorm, SwiGLU, GQA, qkv bias, rope) built by megatron_tsdkd.models in a
 world of one; greedy decoding with no end-of-turn token, so both variants produce exactly batch x new-tokens
@@ -40,6 +41,9 @@ def timed_generate(model, prompts, config, vocab_size: int, use_kv_cache: bool):
     return out, time.perf_counter() - start
 
 
+SMOKE = dict(hidden=128, layers=1, vocab=512, batch=2, prompt_len=16, new_tokens=8)   # tests/test_benchmarks.py
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -49,7 +53,11 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given")
     args = parser.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from megatron_tsdkd.runtime import init_distributed

@@ -1,10 +1,10 @@
 """The rollout guard's figure, ``rollout/logprob_diff`` (and ``rollout/kl``), measured by training: per model,
 rollout engine and dtype, the mean over a few on-policy steps of how far the rollout engine's log-probabilities of
-the tokens it sampled are from the trainer's own (training/rollout_guard.py). One run prints the table the README
+the tokens it sampled are from the trainer's own (engines/rollout_guard.py). One run prints the table the README
 quotes and the margin to the default bound ``rollout.max_logprob_diff``.
 
     .venv/bin/python benchmarks/rollout_logprob_diff.py              # ~2-3 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/rollout_logprob_diff.py --steps 2 --smoke
+    .venv/bin/python benchmarks/rollout_logprob_diff.py --smoke      # 1 step per case, fp32, tied pair: seconds
 
 Models: the shipped demo pair (head_dim 16, which vLLM's CPU attention refuses: our decode only), and a tiny Qwen2
 pair with head_dim 64 whose student has TIED embeddings and peaked next-token distributions (weights drawn with std
@@ -27,7 +27,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from megatron_tsdkd.config import load_config  # noqa: E402
-from megatron_tsdkd.training.rollout_guard import DIFF, KL  # noqa: E402
+from megatron_tsdkd.engines.rollout_guard import DIFF, KL  # noqa: E402
 
 DEMO = os.path.join(ROOT, "megatron_tsdkd", "assets", "demo")
 CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -51,7 +51,7 @@ def tied_pair(folder: str) -> str:
 
 def measure(models: str, engine: str, dtype: str, steps: int, work: str, skip_sync: bool = False) -> tuple:
     from megatron_tsdkd.generation.vllm_rollouts import VllmRollouts
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     overrides = [f"models.student.path={models}/student", f"models.teacher.path={models}/teacher",
                  "parallel.tensor=1", "data.eval=", "checkpoint.export_hf=", "checkpoint.interval=0",
@@ -71,11 +71,16 @@ def measure(models: str, engine: str, dtype: str, steps: int, work: str, skip_sy
     return (sum(m[DIFF] for m in metrics) / steps, sum(m[KL] for m in metrics) / steps)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    """Print the table; the replicas stay up (the caller ends the process: ``os._exit``, see _kept)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="fp32 only, the tied pair only (the suite's check)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="fp32 only, the tied pair only, 1 step unless --steps "
+                                                             "(tests/test_benchmarks.py)")
+    args = parser.parse_args(argv)
+    if args.smoke:   # an explicit --steps still wins
+        parser.set_defaults(steps=1)
+        args = parser.parse_args(argv)
     from megatron_tsdkd.runtime.warnings import install
 
     install()
@@ -100,8 +105,8 @@ def main() -> None:
           f"({bound:g}); the skipped sync {rows[-1][3]:.3g} = {rows[-1][3] / bound:.2g}x")
     print(json.dumps({"rows": rows}))
     sys.stdout.flush()
-    os._exit(0)   # the replicas are never closed (see _kept)
 
 
 if __name__ == "__main__":
     main()
+    os._exit(0)   # the replicas are never closed (see _kept)

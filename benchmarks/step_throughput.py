@@ -52,7 +52,7 @@ Figures printed (one summary block at the end):
   loss scaling) and the rollout guard's rollout/logprob_diff;
 - SDPA vs local, and micro-batch auto vs 1: tokens/s and student forward+backward time.
 - with ``--engines megatron,deepspeed``: the same phases for ``engine=deepspeed`` (its own process, ZeRO
-  ``--zero-stage``, transformers' ``generate`` for the rollout), its planner row (training/zero_memory_plan.py), and
+  ``--zero-stage``, transformers' ``generate`` for the rollout), its planner row (planning/zero_memory_plan.py), and
   megatron / deepspeed: tokens/s, student forward+backward time and rollout time.
 """
 from __future__ import annotations
@@ -320,23 +320,24 @@ def train_overrides(args, root: str) -> list[str]:
         f"data.max_prompt_length={args.prompt_length}", "memory.enforce=false"]
 
 
-def _measure(args, module, build, cfg) -> dict:
-    """Warm-up, then ``--steps`` steps of the trainer ``build(cfg)`` from ``module`` (whose ``micro_batches`` is
-    watched for the step's shapes); the trainer's time/* metrics, row lengths, peak memory and the plan."""
-    from megatron_tsdkd.training.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
+def _measure(args, cfg) -> dict:
+    """Warm-up, then ``--steps`` steps of the trainer of ``cfg`` (its ``batches_of`` seam watched for the step's
+    shapes); the trainer's time/* metrics, row lengths, peak memory and the plan."""
+    from megatron_tsdkd.engines.trainer import build_trainer
+    from megatron_tsdkd.planning.memory_plan import GIB as PLAN_GIB, RUNTIME_RESERVE
 
     memory = _memory_start()
     shapes = []
-    collate = module.micro_batches
+    trainer = build_trainer(cfg)
+    collate, max_length = trainer.batches_of, cfg.data.max_length
 
-    def recording_micro_batches(pairs, micro_size, pad_id, max_length, device=None, **options):
-        batches, length = collate(pairs, micro_size, pad_id, max_length, device, **options)
-        shapes.append(([min(len(p) + len(r), max_length) for p, r in pairs], length))
+    def recording(rollout, examples):   # the benchmark only watches the step's shapes (engines/trainer.py seam)
+        batches, length = collate(rollout, examples)
+        shapes.append(([min(len(p) + len(r), max_length) for p, r in rollout.pairs], length))
         return batches, length
 
-    module.micro_batches = recording_micro_batches   # the benchmark only watches the step's shapes
-    trainer = build(cfg)
-    plan = trainer.parts.memory_plan
+    trainer.batches_of = recording
+    plan = trainer.plan.memory
     trainer.train_step()  # warm-up
     _sync()
     steps = []
@@ -346,9 +347,9 @@ def _measure(args, module, build, cfg) -> dict:
         _sync()
         steps.append({"wall": time.perf_counter() - start, "metrics": metrics,
                       "rows": shapes[-1][0], "padded_length": shapes[-1][1]})
-    inputs = trainer.parts.inputs
+    inputs = trainer.inputs
     return {
-        "steps": steps, "micro_batch": cfg.batch.micro_size,   # batch.micro_size=auto resolved by the plan
+        "steps": steps, "micro_batch": trainer.plan.micro_size,   # batch.micro_size=auto resolved by the plan
         "dtype": cfg.precision.dtype, "student": _spec_dict(inputs.student.arch),
         "teacher": _spec_dict(inputs.teacher.arch) if inputs.teacher is not None else None,
         "padded_vocab": plan.padded_vocab, "tokenizer_vocab": trainer.tokens.vocab_size,
@@ -360,24 +361,21 @@ def _measure(args, module, build, cfg) -> dict:
 
 def ours(args, root: str, attention: str) -> dict:
     """Our trainer's step (the megatron engine) with ``models.attention=attention``."""
-    import megatron_tsdkd.training.trainer as trainer_module
     from megatron_tsdkd.config import load_config
     from megatron_tsdkd.models.attention import resolve_attention_backend
 
     cfg = load_config(None, train_overrides(args, root) + [f"models.attention={attention}"])
-    return {"attention": resolve_attention_backend(attention),
-            **_measure(args, trainer_module, trainer_module.build_trainer, cfg)}
+    return {"attention": resolve_attention_backend(attention), **_measure(args, cfg)}
 
 
 def ours_deepspeed(args, root: str) -> dict:
-    """The same step on ``engine=deepspeed`` (training/deepspeed_engine.py: HF models, ZeRO-``--zero-stage``,
+    """The same step on ``engine=deepspeed`` (engines/deepspeed/engine.py: HF models, ZeRO-``--zero-stage``,
     transformers' generate), reported like ``ours`` so the two engines' phases line up."""
-    import megatron_tsdkd.training.deepspeed_engine as ds_module
     from megatron_tsdkd.config import load_config
 
     cfg = load_config(None, train_overrides(args, root) + ["engine=deepspeed", f"deepspeed.zero_stage={args.zero_stage}"])
     return {"attention": "sdpa (transformers)", "engine": f"deepspeed ZeRO-{args.zero_stage}",
-            **_measure(args, ds_module, ds_module.DeepSpeedTrainer, cfg)}
+            **_measure(args, cfg)}
 
 
 def hf_reference(args, root: str) -> dict:

@@ -1,6 +1,7 @@
 """Cost of ``method.balance: shares``: the TSD-KD loss head, forward + backward, with and without the balance.
 
     .venv/bin/python benchmarks/term_balance_cost.py --tokens 2048 --vocab 32768
+    .venv/bin/python benchmarks/term_balance_cost.py --smoke     # tiny sizes, a second: the suite's check
 
 The balance measures the three terms' logit-gradient norms every micro-batch (one extra backward of the loss head
 per term, losses/term_balance.py); the model's own forward and backward are untouched, so this is the whole extra
@@ -33,12 +34,19 @@ def one_pass(student, teacher, mask, config, balance) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+SMOKE = dict(tokens=256, vocab=512, repeats=2)   # --smoke: tests/test_benchmarks.py keeps the script alive
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) unless given")
+    args = parser.parse_args(argv)
+    if args.smoke:   # explicit flags still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     student = 2 * torch.randn(1, args.tokens, args.vocab, generator=gen)
     teacher = 2 * torch.randn(1, args.tokens, args.vocab, generator=gen)

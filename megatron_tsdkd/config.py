@@ -78,7 +78,7 @@ class RolloutConfig(SamplingConfig):
     engine: str = "megatron"
     vllm_memory_fraction: float = 0.3        # GPU share of each replica (weights + KV cache) while it samples
     weight_sync_bucket_mb: int = 256         # the vLLM weight sync moves parameters in buckets of this size (full)
-    # the rollout guard (training/rollout_guard.py): stop when the engine's log-probabilities of the tokens it
+    # the rollout guard (engines/rollout_guard.py): stop when the engine's log-probabilities of the tokens it
     # sampled differ from the trainer's by more than max_logprob_diff nats per token (rollout/logprob_diff) on
     # logprob_diff_patience on-policy steps in a row; patience 0 only logs
     max_logprob_diff: float = 0.5
@@ -116,7 +116,7 @@ class OptimizerConfig:
     bucket_size: Optional[int] = None   # parameters per gradient bucket; unset: megatron's max(40M, 1M x DP)
     # fp16 only: megatron's dynamic loss scaling (halved after `loss_scale_hysteresis` overflowing steps, which are
     # skipped; doubled after `loss_scale_window` clean ones). The start is low because our micro-batch losses are
-    # token SUMS (per-token normalisation comes after the backward, training/trainer.py): their gradients are
+    # token SUMS (per-token normalisation comes after the backward, engines/megatron/engine.py): their gradients are
     # ~tokens times a mean loss's, for which megatron's 2**32 and torch's 2**16 are meant.
     loss_scale_initial: float = 1024.0
     loss_scale_window: int = 1000
@@ -134,7 +134,7 @@ class ScheduleConfig:
 @dataclass
 class BatchConfig:
     global_size: int = 128              # sequences per optimizer step, over all data-parallel ranks
-    # sequences per forward/backward on one rank; auto: the largest the memory plan fits (training/memory_plan.py)
+    # sequences per forward/backward on one rank; auto: the largest the memory plan fits (planning/memory_plan.py)
     micro_size: Union[int, Literal["auto"]] = 1
     # sort the step's rows by length before cutting micro-batches (less padding); token-decomposable losses are
     # unchanged, TSD-KD's per-micro-batch entropy set and opener see other neighbours (data/collate.py)
@@ -185,14 +185,14 @@ class LoggingConfig:
 @dataclass
 class MemoryCheckConfig:
     gpu_memory_gib: float = 80.0
-    # the host memory a node has for the job (training/host_memory_plan.py); unset: what is available when it starts
+    # the host memory a node has for the job (planning/host_memory_plan.py); unset: what is available when it starts
     host_memory_gib: Optional[float] = None
     enforce: bool = True                # refuse layouts the planner says cannot fit (GPU, and each node's host)
 
 
 @dataclass
 class DeepSpeedConfig:
-    """Settings of ``engine: deepspeed`` (training/deepspeed_engine.py); ignored by the megatron engine."""
+    """Settings of ``engine: deepspeed`` (engines/deepspeed/engine.py); ignored by the megatron engine."""
 
     zero_stage: int = 3                                # ZeRO stage of the student: 2 or 3
     offload_optimizer: Literal["none", "cpu"] = "none"   # Adam state (and its step) in CPU memory
@@ -352,7 +352,7 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in [("optimizer.loss_scale_window", o.loss_scale_window),
                        ("optimizer.loss_scale_hysteresis", o.loss_scale_hysteresis)]:
         need(value >= 1, key, f"must be >= 1, got {value}")
-    auto_micro = b.micro_size == "auto"   # resolved by the memory plan (training/memory_plan.py)
+    auto_micro = b.micro_size == "auto"   # resolved by the memory plan (planning/memory_plan.py)
     for key, value in [("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
                        ("batch.global_size", b.global_size), ("batch.micro_size", 1 if auto_micro else b.micro_size),
                        ("data.max_length", cfg.data.max_length), ("data.max_prompt_length", cfg.data.max_prompt_length)]:
@@ -371,7 +371,7 @@ def _check(cfg: TrainConfig) -> None:
          f"method {method.name} trains on the data set's responses only; set it to 0 or leave it unset "
          f"(got {cfg.rollout.on_policy_prob})")
     r = cfg.rollout
-    lam = method.default_on_policy_prob() if r.on_policy_prob is None else r.on_policy_prob
+    lam = r.on_policy_prob   # resolved before the checks (_resolve_defaults)
     need(not (method.needs_exact_sampling and lam)
          or (r.temperature == 1.0 and r.top_k == 0 and r.top_p == 1.0 and not r.greedy), "rollout",
          f"method {method.name} weighs tokens by the sampling law itself: set rollout.temperature=1 rollout.top_k=0 "
@@ -390,7 +390,7 @@ def _check(cfg: TrainConfig) -> None:
 
 def _check_sequence_ranking(cfg: TrainConfig, need) -> None:
     """method.indirect_level=sequence ranks the rollout's num_samples responses of each prompt, which the rollout
-    lays out as consecutive rows (training/trainer.py _rollout) and micro_batches cuts in runs of micro_size rows:
+    lays out as consecutive rows (engines/megatron/engine.py _rollout) and micro_batches cuts in runs of micro_size rows:
     every step must be sampled (off-policy steps hold one data-set response per prompt) and no prompt's
     candidates may be split between micro-batches."""
     if getattr(cfg.method, "indirect_level", "token") != "sequence":
@@ -428,8 +428,14 @@ def _check_deepspeed(cfg: TrainConfig, need) -> None:
              "(transformers' gradient checkpointing)")
 
 
+def default_config(method_name: str) -> TrainConfig:
+    """Every key at its default for method ``method_name`` (its own settings' defaults, its lambda)."""
+    return _resolve_defaults(TrainConfig(method=method_class(method_name).Config()))
+
+
 def _resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Defaults that depend on other keys: lambda follows the method unless the user set it."""
+    """Defaults that depend on other keys, resolved while the config is built (the one place): lambda follows the
+    method unless the user set it."""
     if cfg.rollout.on_policy_prob is None:
         lam = method_class(cfg.method.name).default_on_policy_prob()
         cfg.rollout = dataclasses.replace(cfg.rollout, on_policy_prob=lam)
@@ -457,9 +463,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         keys, value = _parse_override(text)
         _merge(tree, keys, value)
     try:
-        cfg = _build(TrainConfig, tree)
+        cfg = _resolve_defaults(_build(TrainConfig, tree))
         _check(cfg)
-        _resolve_defaults(cfg)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return cfg

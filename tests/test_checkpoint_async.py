@@ -1,4 +1,4 @@
-"""Checkpoint writes (training/checkpoint.py) and the modes of every file we write (runtime/atomic_files.py).
+"""Checkpoint writes (engines/checkpoint.py) and the modes of every file we write (runtime/atomic_files.py).
 
 An asynchronous save returns while its writers are still held open, ``latest`` moves only when the write is
 finalised, the save is spread over the data-parallel ranks (fully parallel), and a run resumed from it at DP=2
@@ -55,8 +55,9 @@ def _async_write_then_exact_resume(argv, root: str) -> dict:
     import torch.distributed as dist
 
     from megatron_tsdkd.runtime.collectives import barrier
-    from megatron_tsdkd.training.checkpoint import HOLD_SAVE_ENV, latest_checkpoint, verify
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.checkpoint import HOLD_SAVE_ENV
+    from megatron_tsdkd.models.run_folder import latest_checkpoint, verify
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {"full": _losses(build_trainer(_config(argv, f"checkpoint.dir={root}/full", "checkpoint.async_save=false",
                                                  "checkpoint.interval=2")).train())}
@@ -127,7 +128,7 @@ def _write_everything(src: str, out_root: str, mask: int) -> dict[str, dict[str,
     from megatron_tsdkd.models import build_model, load_hf_weights, model_sharded_state_dict, read_hf_config
     from megatron_tsdkd.models.convert import hf_to_mcore_rank, mcore_to_hf_rank
     from megatron_tsdkd.runtime.atomic_files import honour_umask
-    from megatron_tsdkd.training.checkpoint import CheckpointWriter
+    from megatron_tsdkd.engines.checkpoint import CheckpointWriter
 
     previous = os.umask(mask)
     try:

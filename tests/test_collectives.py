@@ -354,8 +354,8 @@ def _collectives_on_gloo():
     from megatron.core import parallel_state as ps
 
     from megatron_tsdkd.runtime import collectives as c
-    from megatron_tsdkd.training.metrics import reduce_to_rank0
-    from megatron_tsdkd.training.preemption import PreemptionFlag
+    from megatron_tsdkd.engines.metrics import reduce_to_rank0
+    from megatron_tsdkd.engines.preemption import PreemptionFlag
 
     rank, dp = dist.get_rank(), ps.get_data_parallel_group()
     flag = PreemptionFlag()
@@ -394,7 +394,7 @@ def test_collectives_on_two_gloo_processes():
 def _metrics_from_the_last_stage():
     from megatron.core import parallel_state as ps
 
-    from megatron_tsdkd.training.metrics import reduce_to_rank0
+    from megatron_tsdkd.engines.metrics import reduce_to_rank0
 
     return reduce_to_rank0({"loss": 3.0} if ps.is_pipeline_last_stage() else None, names=["loss"])
 
@@ -482,7 +482,7 @@ class _FakeModel(torch.nn.Module):
 
 def test_stage_forward_records_cuda_events_and_syncs_only_at_pop(monkeypatch):
     from megatron_tsdkd.runtime import cpu_shim
-    from megatron_tsdkd.training.colocation import CoLocatedStage
+    from megatron_tsdkd.engines.megatron.colocation import CoLocatedStage
 
     syncs = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -90,7 +90,7 @@ def test_resume_across_an_upgrade_that_added_keys():
     import yaml
 
     from megatron_tsdkd.config import to_dict
-    from megatron_tsdkd.training.run_config import config_changes, config_yaml
+    from megatron_tsdkd.planning.run_config import config_changes, config_yaml
 
     cfg = load_config(None, BASE)
     stored = yaml.safe_load(config_yaml(cfg))

@@ -204,7 +204,7 @@ def _wait_for(predicate, what, deadline_s=240.0):
 def test_killed_builder_leaves_nothing_used_and_a_waiting_rank_builds_instead(tok, tmp_path):
     """Three processes, no process group: the first builds and is killed (-9) after its first chunk; the two others
     waited on the lock; one of them builds the set again, the other waits for it and reads it."""
-    from megatron_tsdkd.data.dataset import CHUNK_ROWS
+    from megatron_tsdkd.data.chat_dataset import CHUNK_ROWS
 
     data = _jsonl(tmp_path / "d.jsonl", [ROWS[i % len(ROWS)] for i in range(CHUNK_ROWS + 40)])
     tok_dir = str(tmp_path / "tok")
@@ -337,7 +337,7 @@ def test_preflight_reads_mapped_parquet_through_the_cache_and_names_the_key(work
     """check_inputs (no process group): a parquet folder with its own column names gives the JSONL's tokens, from a
     cache beside logging.dir; a bad row and an unusable data.cache_dir are one line naming the key."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.inputs import PreflightError, check_inputs
+    from megatron_tsdkd.planning.inputs import PreflightError, check_inputs
 
     root = workdir
     rows = [json.loads(line) for line in open(root / "train.jsonl")]

@@ -92,7 +92,7 @@ def _load(path: str, partitioned: bool):
     """The engine's load path of a ZeRO-3 model without optimizer (the teacher's): load, then DeepSpeed's engine."""
     import deepspeed
 
-    from megatron_tsdkd.training.deepspeed_engine import load_hf_model
+    from megatron_tsdkd.engines.deepspeed.engine import load_hf_model
 
     model = load_hf_model(SimpleNamespace(weights=path), torch.float32, ZERO3 if partitioned else None)
     engine, *_ = deepspeed.initialize(model=model, config=ZERO3)
@@ -148,8 +148,8 @@ def _load_memory(paths: dict) -> dict:
 def _losses(argv: list[str], full_load: bool) -> dict:
     """Training losses of the trainer; with ``full_load`` its models load whole (the path before issue 27)."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training import deepspeed_engine
-    from megatron_tsdkd.training.deepspeed_engine import DeepSpeedTrainer
+    from megatron_tsdkd.engines.deepspeed import engine as deepspeed_engine
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     real, partitioned = deepspeed_engine.load_hf_model, []
 
@@ -160,7 +160,7 @@ def _losses(argv: list[str], full_load: bool) -> dict:
 
     deepspeed_engine.load_hf_model = load
     try:
-        trainer = DeepSpeedTrainer(load_config(None, argv))
+        trainer = build_trainer(load_config(None, argv))
         history = [h.metrics for h in trainer.train() if h.metrics]
     finally:
         deepspeed_engine.load_hf_model = real
@@ -209,8 +209,8 @@ def test_host_load_bytes_of_the_plan():
     (135 GiB): what the issue saw, x 8 ranks."""
     from test_plan import spec_of
 
-    from megatron_tsdkd.training.memory_plan import PlanInputs, total_parameters
-    from megatron_tsdkd.training.zero_memory_plan import ZeroSettings, largest_tensor, zero_host_load_bytes
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, total_parameters
+    from megatron_tsdkd.planning.zero_memory_plan import ZeroSettings, largest_tensor, zero_host_load_bytes
 
     student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
     inputs = PlanInputs(tp=1, pp=1, world_size=8, micro_batch=1, global_batch=8, seq_len=1024, dtype="bf16")

@@ -52,16 +52,16 @@ def _overflowing_step(argv):
     from megatron.core.utils import unwrap_model
 
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.optim import adam_step
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.megatron.optim import adam_step
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     weights = [p.detach().clone() for p in unwrap_model(trainer.student).parameters()]
-    scale = float(trainer.optimizer.get_loss_scale())
+    scale = float(trainer.engine.optimizer.get_loss_scale())
     first = trainer.train_step()
     unchanged = all(torch.equal(a, b) for a, b in zip(weights, unwrap_model(trainer.student).parameters()))
-    return {"metrics": first.metrics, "unchanged": unchanged, "adam_step": adam_step(trainer.optimizer),
-            "scheduler_steps": trainer.scheduler.num_steps, "scale_before": scale, "scale_after": float(trainer.optimizer.get_loss_scale())}
+    return {"metrics": first.metrics, "unchanged": unchanged, "adam_step": adam_step(trainer.engine.optimizer),
+            "scheduler_steps": trainer.engine.scheduler.num_steps, "scale_before": scale, "scale_after": float(trainer.engine.optimizer.get_loss_scale())}
 
 
 def test_fp16_overflow_is_skipped_not_applied(workdir, tmp_path):
@@ -82,8 +82,8 @@ def _overlap_run(argv):
     from megatron.core.utils import unwrap_model
 
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.build import sync_student_params
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.megatron.engine import sync_student_params
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     history = trainer.train()          # ends with a save, which brings the weights up to date first

@@ -3,7 +3,7 @@
 A GPU step should read the device back only a fixed number of times, whatever the number of micro-batches: the
 loss path takes its target positions and label checks from the host (data/collate.py), and at PP > 1 the p2p
 communicator is told each micro-batch's activation shape instead of exchanging it before every transfer
-(training/colocation.py). On the CPU every tensor is a host tensor, so the test counts every call that WOULD read
+(engines/megatron/colocation.py). On the CPU every tensor is a host tensor, so the test counts every call that WOULD read
 a CUDA tensor back (``.item()``, ``.tolist()``, ``bool``/``int``/``float``/``index`` of a tensor, ``nonzero``,
 boolean-mask indexing, ...) made during one real training step, at PP=1 and PP=2, with 2 and 8 micro-batches.
 """
@@ -165,7 +165,7 @@ def _measured_step(trainer) -> dict:
     """One train_step's reads inside the schedule (``forward_backward``), in the whole step but the rollout (the
     decode has its own test: test_decode_without_syncs.py), and its shape exchanges."""
     schedule, step = HostReads(), HostReads()
-    run, rollout = trainer.forward_backward, trainer._rollout
+    run, rollout = trainer.engine.schedule, trainer.rollout
 
     def counted_schedule(**kwargs):
         with schedule:
@@ -178,20 +178,20 @@ def _measured_step(trainer) -> dict:
         finally:
             step.active = True
 
-    trainer.forward_backward, trainer._rollout = counted_schedule, uncounted_rollout
+    trainer.engine.schedule, trainer.rollout = counted_schedule, uncounted_rollout
     try:
         with ShapeExchanges() as exchanges, step:
             trainer.train_step()
     finally:
-        trainer.forward_backward = run
-        del trainer._rollout   # the method again
+        trainer.engine.schedule = run
+        del trainer.rollout   # the method again
     return {"schedule": schedule.counts, "step": step.counts, **exchanges.counts}
 
 
 def _counts(argv):
     """Per (method, on-policy, micro-batches): the second step's counts (the first one warms up)."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for method, on_policy in CASES:
@@ -199,7 +199,7 @@ def _counts(argv):
             cfg = load_config(None, argv + [f"method.name={method}", f"batch.micro_size={size}",
                                             f"rollout.on_policy_prob={1.0 if on_policy else 0.0}"])
             trainer = build_trainer(cfg)
-            assert trainer.parts.num_microbatches == micro
+            assert trainer.plan.micro_batches == micro
             trainer.train_step()
             out[method, on_policy, micro] = _measured_step(trainer)
     return out
@@ -247,18 +247,18 @@ def _losses_both_ways(argv) -> dict:
     """Per way of learning the shapes (told: the trainer's, exchanged: megatron's variable_seq_lengths), the
     logged losses and gradient norms of each step, the shape exchanges and the micro-batch widths."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for way in ("told", "exchanged"):
         trainer = build_trainer(load_config(None, argv))
-        told, widths = trainer.stage.schedule_arguments, []
+        told, widths = trainer.engine.stage.schedule_arguments, []
 
         def arguments(batches, way=way, told=told, widths=widths):
             widths.append([b.input_ids.shape[1] for b in batches])
             return told(batches) if way == "told" else {}
 
-        trainer.stage.schedule_arguments = arguments
+        trainer.engine.stage.schedule_arguments = arguments
         with ShapeExchanges() as exchanges:
             history = trainer.train()
         out[way] = {"metrics": [{k: v for k, v in h.metrics.items() if k.startswith("loss/") or k in (
@@ -278,5 +278,5 @@ def test_told_shapes_give_the_exchanged_shapes_losses(workdir, tmp_path):  # noq
               f"exchanged {exchanged['exchanges']}; widths {told['widths']}")
         assert told["widths"] == exchanged["widths"] and any(len(set(w)) > 1 for w in told["widths"]), run
         assert told["exchanges"] == told["shape_messages"] == 0 and exchanged["exchanges"] > 0, run
-        if rank == 0:   # the logged metrics live on rank 0 (training/metrics.py reduce_to_rank0)
+        if rank == 0:   # the logged metrics live on rank 0 (engines/metrics.py reduce_to_rank0)
             assert len(told["metrics"]) == steps and told["metrics"] == exchanged["metrics"], run

@@ -200,12 +200,12 @@ def overrides(root, extra=()):
 
 def _train(argv, stop_after=None):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     history = trainer.train(stop_after=stop_after)
     return [h.metrics["loss/total"] for h in history if h.metrics is not None], \
-        [trainer.sampler.epoch, trainer.parts.inputs.train.stage(trainer.sampler.epoch)]
+        [trainer.sampler.epoch, trainer.inputs.train.stage(trainer.sampler.epoch)]
 
 
 def test_kpod_tp2_reproduces_tp1(workdir, tmp_path):

@@ -31,7 +31,7 @@ def _pad_to_step(batches, pad_id):
 def _padding_runs(argv, cases=CASES):
     """Per case and padding ("own": today's micro_batches, "step": the old padding): the logged losses and gradient
     norms of every step, and the micro-batch widths of each step."""
-    import megatron_tsdkd.training.trainer as trainer_module
+    import megatron_tsdkd.engines.trainer as trainer_module
     from megatron_tsdkd.config import load_config
 
     length_aware = trainer_module.micro_batches

@@ -87,7 +87,7 @@ class Terminal(io.StringIO):
 
 
 def test_text_lines_or_a_bar_named_after_the_method(tmp_path, caplog):
-    from megatron_tsdkd.training.metrics import MetricsLogger
+    from megatron_tsdkd.engines.metrics import MetricsLogger
 
     metrics = {"loss/total": 0.5, "loss/direct": 0.25, "loss/entropy": 2.5, "throughput/tokens_per_s": 1234.0,
                "optim/lr": 2.5e-4, "optim/grad_norm": 0.75, "time/rollout": 0.1, "time/step": 0.5}
@@ -111,7 +111,7 @@ def test_text_lines_or_a_bar_named_after_the_method(tmp_path, caplog):
 
 
 def test_tensorboard_after_a_resume_holds_each_step_once_with_the_new_values(tmp_path):
-    from megatron_tsdkd.training.metrics import MetricsLogger
+    from megatron_tsdkd.engines.metrics import MetricsLogger
 
     first = MetricsLogger(str(tmp_path), 5, 0, False)
     for step in range(1, 6):
@@ -223,20 +223,20 @@ def test_vllm_start_notes_filtered_and_shown_again_with_pythonwarnings(monkeypat
 def test_print_config_and_dry_run_errors_in_one_line(workdir, tmp_path, monkeypatch, capsys):
     from megatron_tsdkd.commands import train as command
     from megatron_tsdkd.config import load_config, to_dict
-    from megatron_tsdkd.training import inputs as preflight
+    from megatron_tsdkd.planning import run_plan as preflight
 
     argv = overrides(workdir, tmp_path)
 
     def built(*_):
         raise AssertionError("--print-config read the inputs")
 
-    monkeypatch.setattr(preflight, "check_inputs", built)
+    monkeypatch.setattr(preflight, "preflight", built)
     command.main(["--config", "configs/demo_cpu.yaml", *argv, "--print-config"])   # returns: exit code 0
     out = capsys.readouterr()
     assert yaml.safe_load(out.out) == to_dict(load_config("configs/demo_cpu.yaml", argv)) and out.err == ""
     monkeypatch.undo()
 
-    monkeypatch.setenv("WORLD_SIZE", "1")   # --dry-run sets it for the preflight; monkeypatch restores it
+    monkeypatch.setenv("WORLD_SIZE", "1")   # the world --dry-run plans for
     for extra, start in ((["memory.gpu_memory_gib=1"], "error: parallel layout: the planned memory per GPU exceeds 1"),
                          (["memory.host_memory_gib=0.5"], "error: host memory: 1 rank on this node need "),
                          (["parallel.tensor=3"], "error: models.student.path: "),
@@ -277,9 +277,8 @@ def test_dry_run_in_a_fresh_process_plans_for_the_launch_world(workdir, tmp_path
 
 def _logged_runs(killed_argv, job_argv, fresh_argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.inputs import check_inputs
-    from megatron_tsdkd.training.job import run_job
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.job import run_job
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     records = []
 
@@ -296,8 +295,7 @@ def _logged_runs(killed_argv, job_argv, fresh_argv):
         build_trainer(load_config(None, killed_argv)).train(stop_after=3)   # like kill -9 after step 3
         out["killed"], records[:] = list(records), []
         for name, argv in (("resumed", job_argv), ("fresh", fresh_argv)):
-            cfg = load_config(None, argv)
-            run_job(cfg, check_inputs(cfg))
+            run_job(load_config(None, argv))
             out[name], records[:] = list(records), []
     finally:
         project.removeHandler(handler)
@@ -407,12 +405,13 @@ def _counted_runs(runs):
     import torch.distributed as dist
 
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training import trainer as trainer_module
+    from megatron_tsdkd.engines import metrics as metrics_module
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     kinds = ("all_reduce", "broadcast", "all_gather", "reduce", "send", "recv", "broadcast_object_list",
              "all_gather_object", "gather_object", "barrier")
     originals = {name: getattr(dist, name) for name in kinds}
-    reduce = trainer_module.reduce_to_rank0
+    reduce = metrics_module.reduce_to_rank0
     calls, equal, counting = [], [], []
 
     def counted(name):
@@ -435,15 +434,15 @@ def _counted_runs(runs):
     out = []
     for name in kinds:
         setattr(dist, name, counted(name))
-    trainer_module.reduce_to_rank0 = watched
+    metrics_module.reduce_to_rank0 = watched
     try:
         for argv in runs:
             calls.clear()
             equal.clear()
-            history = trainer_module.build_trainer(load_config(None, argv)).train()
+            history = build_trainer(load_config(None, argv)).train()
             out.append(([(h.step, h.metrics) for h in history if h.metrics is not None], list(calls), list(equal)))
     finally:
-        trainer_module.reduce_to_rank0 = reduce
+        metrics_module.reduce_to_rank0 = reduce
         for name, fn in originals.items():
             setattr(dist, name, fn)
     return out
@@ -497,7 +496,7 @@ def test_a_writer_opened_in_the_same_second_sorts_after_the_last_event_file(tmp_
     text: "...10" before "...9"); a resumed run's file must come after the killed run's, or its steps are dropped."""
     import time
 
-    from megatron_tsdkd.training.metrics import summary_writer
+    from megatron_tsdkd.engines.metrics import summary_writer
 
     older = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.~.1.9"   # "~" sorts after any host name
     older.write_bytes(b"")

@@ -22,6 +22,7 @@ from megatron_tsdkd.generation import SamplingConfig
 from megatron_tsdkd.generation.co_generation import CoSampling
 from megatron_tsdkd.losses import minillm_loss
 from megatron_tsdkd.losses.minillm import future_mean
+from megatron_tsdkd.methods import LossContext
 from megatron_tsdkd.methods.skd import SKDConfig, SpeculativeKD
 
 PADDED_VOCAB, REAL_VOCAB = 24, 22
@@ -133,8 +134,8 @@ def _shard_losses(group, rank: int, world: int) -> dict:
     batch = SimpleNamespace(loss_mask=mask, labels=labels)
     for name, settings in SKD_CASES.items():
         method = SpeculativeKD(SKDConfig(name="skd", chunk_size=5, **settings))
-        record(f"skd {name}", lambda s, t, m=method: m.loss(s, t, batch, tp_group=group,
-                                                             vocab_size=REAL_VOCAB).loss.reshape(1))
+        record(f"skd {name}", lambda s, t, m=method: m.loss(s, t, batch, LossContext(
+            tp_group=group, vocab_size=REAL_VOCAB)).loss.reshape(1))
     return results
 
 
@@ -273,7 +274,7 @@ workdir = test_train.workdir   # the tiny teacher/student pair on the demo token
 
 def _train_both(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for method, extra in [("minillm", []), ("skd", ["method.top_k=5"])]:

@@ -157,7 +157,7 @@ MAKERS = {
     "load_hf_weights": {"models/hf_weights.py", "models/source.py", "models/__init__.py"},
     "load_mcore_weights": {"models/mcore_checkpoint.py", "models/source.py", "models/__init__.py"},
     # the DeepSpeed engine's Hugging Face models, placed by DeepSpeed or moved to the device there
-    "AutoModelForCausalLM": {"training/deepspeed_engine.py"},
+    "AutoModelForCausalLM": {"engines/deepspeed/settings.py"},
 }
 
 

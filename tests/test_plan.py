@@ -23,7 +23,7 @@ PUBLISHED = {
 
 
 def spec_of(name):
-    from megatron_tsdkd.training.memory_plan import load_hf_spec
+    from megatron_tsdkd.planning.memory_plan import load_hf_spec
 
     return load_hf_spec(os.path.join(HF, name), name)[0]
 
@@ -44,7 +44,7 @@ def config(name, *overrides):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shipped_hf_configs_have_the_published_sizes(name):
-    from megatron_tsdkd.training.memory_plan import total_parameters
+    from megatron_tsdkd.planning.memory_plan import total_parameters
 
     assert total_parameters(spec_of(name)) == PUBLISHED[name]
 
@@ -53,7 +53,8 @@ def test_shipped_hf_configs_have_the_published_sizes(name):
                                           ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
                                           ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml")])
 def test_job_layouts_fit_80gb(script, yaml):
-    from megatron_tsdkd.training.memory_plan import check_memory_plan, load_hf_spec
+    from megatron_tsdkd.planning.memory_plan import load_hf_spec
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     cfg = config(yaml)
     student = load_hf_spec(cfg.models.student.path, "student")[0]
@@ -64,7 +65,8 @@ def test_job_layouts_fit_80gb(script, yaml):
 
 
 def test_72b_to_7b_refused_at_tp1_naming_the_teacher_weights():
-    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+    from megatron_tsdkd.planning.memory_plan import MemoryPlanError
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
     world = script_world_size("tsdkd_70b_to_7b.sh")
@@ -101,7 +103,7 @@ def test_cli_accepts_and_refuses(capsys):
 
 def test_planner_arithmetic_by_hand():
     """Qwen2.5-7B at TP=4, PP=2, counted by hand from its published shapes."""
-    from megatron_tsdkd.training.memory_plan import stage_parameters
+    from megatron_tsdkd.planning.memory_plan import stage_parameters
 
     s = spec_of("Qwen2.5-7B-Instruct")
     h, layers = 3584, 14
@@ -112,7 +114,7 @@ def test_planner_arithmetic_by_hand():
 
 
 def test_tied_output_layer_is_a_copy_only_with_pipeline_stages():
-    from megatron_tsdkd.training.memory_plan import stage_parameters
+    from megatron_tsdkd.planning.memory_plan import stage_parameters
 
     s = spec_of("Qwen2.5-1.5B-Instruct")
     embedding = 152064 * s.hidden_size // 2
@@ -132,7 +134,7 @@ def _rank_bytes(model_dirs, dtype_name):
 
     from megatron_tsdkd.config import TrainConfig
     from megatron_tsdkd.models import build_model, read_hf_config
-    from megatron_tsdkd.training.optim import build_optimizer
+    from megatron_tsdkd.engines.megatron.optim import build_optimizer
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     out = []
@@ -174,7 +176,7 @@ def tiny_models(tmp_path_factory):
 def test_per_rank_bytes_match_real_models(tiny_models, tp, pp):
     """World of 2: TP=2 (DP=1), PP=2 (DP=1), DP=2 (optimizer state sharded). Weights and optimizer state exact."""
     from megatron_tsdkd.models import read_hf_config
-    from megatron_tsdkd.training.memory_plan import PlanInputs, arch_spec, plan_memory
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, arch_spec, plan_memory
 
     names = sorted(tiny_models)
     world, dp = 2, 2 // (tp * pp)
@@ -284,7 +286,7 @@ def measured(tiny_models):
 
 def _student_plan(folder, tp, **inputs):
     from megatron_tsdkd.models import read_hf_config
-    from megatron_tsdkd.training.memory_plan import PlanInputs, arch_spec, plan_memory
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, arch_spec, plan_memory
 
     spec = arch_spec(read_hf_config(folder))
     values = dict(tp=tp, pp=1, world_size=2, micro_batch=1, global_batch=2, seq_len=16, dtype="bf16")
@@ -300,7 +302,7 @@ def _within(estimate: int, real: int) -> bool:
 def test_planned_logits_are_the_real_logits(tiny_models, measured, tp):
     """The planner's per-model logits term (the row grows by it when a teacher is added) against the logits tensor
     of a real forward."""
-    from megatron_tsdkd.training.memory_plan import PlanInputs, plan_memory
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, plan_memory
 
     for name in ("llama", "qwen3"):
         for (batch, seq), (_, real) in measured[tp][name, "sdpa"].items():
@@ -351,8 +353,8 @@ def test_zero_model_states_are_deepspeeds_estimates(stage, offload):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from megatron_tsdkd.training.memory_plan import total_parameters
-    from megatron_tsdkd.training.zero_memory_plan import ZeroSettings, largest_block, student_state_bytes
+    from megatron_tsdkd.planning.memory_plan import total_parameters
+    from megatron_tsdkd.planning.zero_memory_plan import ZeroSettings, largest_block, student_state_bytes
 
     spec = spec_of("Qwen2.5-7B-Instruct")
     params, block, gpus = total_parameters(spec), largest_block(spec), 8
@@ -370,7 +372,8 @@ def test_zero_plan_verdicts_and_suggestion(capsys):
     """tsdkd-plan engine=deepspeed: 14B -> 1.5B fits one 8-GPU node under ZeRO-3; 72B -> 7B with ZeRO-2 and a full
     teacher copy per GPU does not, and the suggestion (a ZeRO setting or the megatron engine) really fits."""
     from megatron_tsdkd.commands.plan import main
-    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+    from megatron_tsdkd.planning.memory_plan import MemoryPlanError
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     yaml14 = os.path.join(ROOT, "configs", "tsdkd_14b_to_1.5b.yaml")
     main(["--config", yaml14, "--world-size", "8", "--gpu-memory-gib", "80", "engine=deepspeed"])
@@ -410,8 +413,9 @@ def test_host_plan_refuses_a_cpu_run_that_outgrows_the_node_and_says_what_to_cha
     """The 1.5B -> 0.5B pair on 2 CPU processes of a 24 GiB machine (issue 31: fp32 with vLLM was OOM-killed after a
     GPU verdict of FITS): fp32 + vLLM and fp32 alone do not fit, the refusal names the figure and the settings that
     help; bf16 with our decode fits. Per rank: the whole device plan (no CUDA reserve) plus the replica's copy."""
-    from megatron_tsdkd.training.host_memory_plan import PROCESS_BYTES, node_facts
-    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan
+    from megatron_tsdkd.planning.host_memory_plan import PROCESS_BYTES, node_facts
+    from megatron_tsdkd.planning.memory_plan import MemoryPlanError
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     student, teacher = _qwen25_05b(), spec_of("Qwen2.5-1.5B-Instruct")
     node = node_facts(2, True, 24)
@@ -437,7 +441,7 @@ def test_host_plan_refuses_a_cpu_run_that_outgrows_the_node_and_says_what_to_cha
     assert rows["Python process and libraries"] == PROCESS_BYTES
     with_vllm = plan("precision.dtype=bf16", "rollout.engine=vllm", "memory.enforce=false").host
     replica = dict(with_vllm.rows)["vLLM replica: weights (TP=1) + KV cache + engine"]
-    from megatron_tsdkd.training.memory_plan import total_parameters
+    from megatron_tsdkd.planning.memory_plan import total_parameters
     assert replica > total_parameters(student) * 2   # the student's bf16 weights at TP=1, and more
 
 
@@ -445,8 +449,8 @@ def test_host_plan_of_gpu_nodes_counts_loading_and_async_staging(capsys):
     """A GPU node holds per rank the process, the loading buffers and (async_save) its checkpoint shard; tsdkd-plan
     prints the node's plan with --host-memory-gib and fails (exit 1) when 8 ranks outgrow it."""
     from megatron_tsdkd.commands.plan import main
-    from megatron_tsdkd.training.host_memory_plan import node_facts
-    from megatron_tsdkd.training.memory_plan import check_memory_plan
+    from megatron_tsdkd.planning.host_memory_plan import node_facts
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
     plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml"), 16, student, teacher, 80 * 1024**3,
@@ -479,7 +483,8 @@ def test_micro_size_auto_picks_the_largest_that_fits_and_the_rollout_boundary(sc
     candidate up does not fit. At the training -> rollout boundary the training step's cached blocks are returned
     (generation/vllm_replica.py), so what is held across it is the static memory: the peak is static + the larger of
     the step and the replica's share, and each phase fits on its own."""
-    from megatron_tsdkd.training.memory_plan import check_memory_plan, load_hf_spec, micro_batch_candidates
+    from megatron_tsdkd.planning.memory_plan import load_hf_spec
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan, micro_batch_candidates
 
     cfg = config(yaml)
     assert cfg.batch.micro_size == "auto" and cfg.batch.sort_by_length
@@ -535,8 +540,9 @@ def test_replica_returns_the_cached_blocks_at_the_boundary(monkeypatch):
 def test_host_plan_of_the_deepspeed_engine_counts_its_loading_and_offloaded_state():
     """engine=deepspeed: the loading row is the engine's own (partitioned under ZeRO-3: one tensor; ZeRO-2: the
     fp32 student on every rank), and ZeRO-Offload's optimizer state is on the host."""
-    from megatron_tsdkd.training.host_memory_plan import node_facts
-    from megatron_tsdkd.training.memory_plan import check_memory_plan, total_parameters
+    from megatron_tsdkd.planning.host_memory_plan import node_facts
+    from megatron_tsdkd.planning.memory_plan import total_parameters
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     student, teacher = spec_of("Qwen2.5-1.5B-Instruct"), spec_of("Qwen2.5-14B-Instruct")
     base = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", "memory.enforce=false"]
@@ -547,7 +553,7 @@ def test_host_plan_of_the_deepspeed_engine_counts_its_loading_and_offloaded_stat
         return dict(plan.host.rows)
 
     zero3, zero2 = rows("deepspeed.zero_stage=3"), rows("deepspeed.zero_stage=2")
-    from megatron_tsdkd.training.zero_memory_plan import largest_tensor
+    from megatron_tsdkd.planning.zero_memory_plan import largest_tensor
 
     assert zero2["loading (engine)"] == 4 * total_parameters(student)                 # every rank: the fp32 student
     assert zero3["loading (engine)"] == 4 * max(largest_tensor(student), largest_tensor(teacher))   # one tensor

@@ -7,7 +7,7 @@ and so does the process writing its asynchronous checkpoint. The runs save async
 the Ctrl-C one, which covers the synchronous save.
 
 Nothing here races the clock: a save "in progress" is held open by the trainer's test hook
-(``TSDKD_TEST_HOLD_SAVE``, training/checkpoint.py) inside the forked checkpoint writer until the test releases it,
+(``TSDKD_TEST_HOLD_SAVE``, engines/checkpoint.py) inside the forked checkpoint writer until the test releases it,
 and every wait polls an observable state (a file, a log line, /proc) up to a deadline scaled to the machine's load.
 The Slurm paths (``scancel --signal=TERM``, plain ``scancel``) are in test_slurm.py; they share these helpers.
 """
@@ -143,14 +143,14 @@ def latest_name(ckpt) -> str | None:
 
 
 def verify_checkpoint(folder) -> None:
-    from megatron_tsdkd.training.checkpoint import verify
+    from megatron_tsdkd.models.run_folder import verify
 
     verify(str(folder))
 
 
 def assert_complete_latest(ckpt, step: int) -> None:
     """``latest`` names step ``step``'s checkpoint, whose manifest checks out."""
-    from megatron_tsdkd.training.checkpoint import latest_checkpoint, verify
+    from megatron_tsdkd.models.run_folder import latest_checkpoint, verify
 
     folder = latest_checkpoint(str(ckpt))
     assert folder is not None and os.path.basename(folder) == f"step_{step:06d}", (folder, os.listdir(ckpt))

@@ -10,14 +10,15 @@ from test_train import overrides, workdir  # noqa: F401,F811  (the fixture)
 
 
 def _inputs(argv):
+    """The inputs' checks and the run plan: every check a launch makes before its first collective."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.inputs import check_inputs
+    from megatron_tsdkd.planning.run_plan import preflight
 
-    return check_inputs(load_config(None, argv))
+    return preflight(load_config(None, argv))
 
 
 def _preflight_error(argv) -> str:
-    from megatron_tsdkd.training.inputs import PreflightError
+    from megatron_tsdkd.planning.inputs import PreflightError
 
     with pytest.raises(PreflightError) as error:
         _inputs(argv)
@@ -59,7 +60,7 @@ def test_weights_paths_and_world_are_checked_first(workdir, tmp_path, monkeypatc
 
 def _train(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     trainer.train()
@@ -125,8 +126,9 @@ def test_an_optimizer_our_checkpoints_do_not_handle_is_refused_and_auto_micro_si
                                "(Transformer Engine or Apex is installed)"), message
     assert "pip uninstall transformer-engine apex" in message
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.inputs import check_inputs
+    from megatron_tsdkd.planning.run_plan import preflight
 
     cfg = load_config(None, argv + ["batch.micro_size=auto"])
-    inputs = check_inputs(cfg)
-    assert cfg.batch.micro_size == inputs.memory_plan.inputs.micro_batch == cfg.batch.global_size   # tiny: all fit
+    _, plan = preflight(cfg)
+    assert plan.micro_size == plan.memory.inputs.micro_batch == cfg.batch.global_size   # tiny: all fit
+    assert cfg.batch.micro_size == "auto"   # the config is never changed; the plan holds the resolved size

@@ -1,4 +1,4 @@
-"""The rollout guard (training/rollout_guard.py, losses/rollout_drift.py): the rollout engine's log-probabilities of
+"""The rollout guard (engines/rollout_guard.py, losses/rollout_drift.py): the rollout engine's log-probabilities of
 the tokens it sampled against the trainer's own, on every on-policy step.
 
 - the statistic: exact against a direct computation, TP=2 equal to TP=1, 0 for identical log-probabilities;
@@ -16,7 +16,7 @@ import torch
 from harness import run_parallel
 
 from megatron_tsdkd.losses.rollout_drift import rollout_drift
-from megatron_tsdkd.training.rollout_guard import DIFF, KL, RolloutDriftError, RolloutGuard
+from megatron_tsdkd.engines.rollout_guard import DIFF, KL, RolloutDriftError, RolloutGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
@@ -117,7 +117,7 @@ def _guarded_runs(pair: str, tmp: str) -> dict:
     """Per engine, the guard's figures on 2 on-policy steps; then a run whose replica is never synced."""
     from megatron_tsdkd.config import load_config
     from megatron_tsdkd.generation.vllm_rollouts import VllmRollouts
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for engine in ("megatron", "vllm"):

@@ -13,7 +13,7 @@ from megatron_tsdkd.config import ConfigError, load_config
 from megatron_tsdkd.data.collate import collate_training
 from megatron_tsdkd.losses import TSDKDLossConfig, plackett_luce_nll, tsdkd_loss
 from megatron_tsdkd.losses.sequence_ranking import same_prompt, sequence_ranking_loss
-from megatron_tsdkd.methods import build_method
+from megatron_tsdkd.methods import LossContext, build_method
 
 PADDED_VOCAB, VOCAB = 24, 22
 # Three prompts with their candidates as consecutive rows, as the rollout lays them out. Prompts A and C have the
@@ -110,7 +110,7 @@ def test_method_adds_alpha_times_sequence_ranking_to_token_terms():
     batch, student, teacher = inputs()
     config = load_config(None, _overrides("method.indirect_level=sequence")).method
     method = build_method(config)
-    out = method.loss(student, teacher, batch, vocab_size=VOCAB)
+    out = method.loss(student, teacher, batch, LossContext(vocab_size=VOCAB))
     token = tsdkd_loss(student, teacher, batch.loss_mask, dataclasses.replace(config, use_indirect=False),
                        vocab_size=VOCAB)
     expected = token.loss + config.alpha * dense_loss(batch, student, teacher)
@@ -119,7 +119,7 @@ def test_method_adds_alpha_times_sequence_ranking_to_token_terms():
     # the default stays the paper's token-level ranking
     default = build_method(load_config(None, _overrides()).method)
     assert default.config.indirect_level == "token"
-    torch.testing.assert_close(default.loss(student, teacher, batch, vocab_size=VOCAB).loss,
+    torch.testing.assert_close(default.loss(student, teacher, batch, LossContext(vocab_size=VOCAB)).loss,
                                tsdkd_loss(student, teacher, batch.loss_mask, default.config, vocab_size=VOCAB).loss)
 
 
@@ -129,8 +129,7 @@ def test_sequence_mode_grad_share_counts_the_sequence_term():
     student = student.double().requires_grad_()
     teacher = teacher.double()
     method = build_method(load_config(None, _overrides("method.indirect_level=sequence")).method)
-    method.logging_step = True
-    out = method.loss(student, teacher, batch, vocab_size=VOCAB)
+    out = method.loss(student, teacher, batch, LossContext(vocab_size=VOCAB, diagnose=True))
     grad = torch.autograd.grad(method.config.alpha * dense_loss(batch, student, teacher), student)[0]
     norm = out.diagnostics["grad_norm/indirect"]
     assert float(norm) > 0

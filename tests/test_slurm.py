@@ -179,7 +179,7 @@ def demo_overrides(tmp_path, steps, *extra):
 
 
 def latest_step(ckpt) -> int:
-    from megatron_tsdkd.training.checkpoint import latest_checkpoint
+    from megatron_tsdkd.models.run_folder import latest_checkpoint
 
     folder = latest_checkpoint(str(ckpt)) if os.path.isdir(ckpt) else None
     return int(folder.rstrip("/").rsplit("_", 1)[1]) if folder else -1

@@ -18,9 +18,9 @@ from megatron_tsdkd.data import TrainingBatch
 from megatron_tsdkd.losses import TSDKDLossConfig, tsdkd_loss
 from megatron_tsdkd.losses.config import TermShares
 from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS
-from megatron_tsdkd.methods.base import ShareWarning
+from megatron_tsdkd.methods.base import LossContext, ShareWarning
 from megatron_tsdkd.methods.tsdkd import TSDKD, TSDKDConfig
-from megatron_tsdkd.training.metrics import ShareWatch
+from megatron_tsdkd.engines.metrics import ShareWatch
 from test_losses import dense_entropy, dense_tsdkd
 import test_train
 from test_train import overrides
@@ -194,8 +194,7 @@ def test_settings_are_validated_with_the_key_named():
 def _train_capturing_warnings(argv, engine="megatron"):
     """(metrics of the logged steps, warning lines) of one training run with either engine."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.deepspeed_engine import DeepSpeedTrainer
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     records = []
     handler = logging.Handler(logging.WARNING)
@@ -204,7 +203,7 @@ def _train_capturing_warnings(argv, engine="megatron"):
     logger.addHandler(handler)
     try:
         if engine == "deepspeed":
-            history = DeepSpeedTrainer(load_config(None, argv + ["engine=deepspeed"])).train()
+            history = build_trainer(load_config(None, argv + ["engine=deepspeed"])).train()
         else:
             history = build_trainer(load_config(None, argv)).train()
     finally:
@@ -278,13 +277,17 @@ def method_batch(mask):
 def balanced_steps(method, student_full, teacher_full, mask, columns=slice(None), group=None, steps=4, noise=0.0):
     """``steps`` micro-batches through the method (logits perturbed by ``noise`` each time): per step the loss,
     the balance weights and the student gradient on this shard."""
+    from megatron.core import parallel_state as ps
+
+    # the trainer hands the method megatron's data-parallel group; without megatron's groups, the default group
+    dp_group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
     gen = torch.Generator().manual_seed(3)
     results = []
     for _ in range(steps):
         shift = noise * torch.randn(student_full.shape, generator=gen, dtype=student_full.dtype)
         student = (student_full + shift)[..., columns].clone().requires_grad_()
-        method.logging_step = True
-        out = method.loss(student, teacher_full[..., columns], method_batch(mask), tp_group=group, vocab_size=VOCAB)
+        out = method.loss(student, teacher_full[..., columns], method_batch(mask),
+                          LossContext(tp_group=group, dp_group=dp_group, vocab_size=VOCAB, diagnose=True))
         out.loss.backward()
         weights = torch.tensor([float(out.diagnostics[f"balance/weight_{t}"]) for t in ("direct", "entropy",
                                                                                           "indirect")])
@@ -332,7 +335,7 @@ def test_balance_is_exact_when_the_targets_are_the_measured_shares():
     balanced = balanced_steps(balanced_method(measured), student, teacher, mask, steps=2)
     plain = TSDKD(TSDKDConfig(top_k=4, rho=0.5, opener_fraction=0.3, chunk_size=5))
     s = student.clone().requires_grad_()
-    out = plain.loss(s, teacher, method_batch(mask), vocab_size=VOCAB)
+    out = plain.loss(s, teacher, method_batch(mask), LossContext(vocab_size=VOCAB))
     out.loss.backward()
     for loss, weights, grad in balanced:
         assert torch.allclose(weights, torch.ones(3, dtype=weights.dtype), rtol=0, atol=1e-9), weights
@@ -402,7 +405,7 @@ def _balanced_resume(base, folder):
     """Metrics of an uninterrupted 4-step run, and of a run cut after step 3 (its last complete checkpoint: step 2)
     then resumed."""
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     def train(argv, stop_after=None):
         history = build_trainer(load_config(None, argv)).train(stop_after=stop_after)

@@ -55,7 +55,7 @@ def overrides(root, method="tsdkd", on_policy=False, extra=()):
 
 def _train(argv, stop_after=None):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     cfg = load_config(None, argv)
     trainer = build_trainer(cfg)
@@ -88,7 +88,7 @@ def _every_method_trains(argv):
     from megatron.core.utils import unwrap_model
 
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for method, extra in [("sft", []), ("kd", []), ("distillm", ["method.distillm_divergence=skew_rkl"]),
@@ -139,7 +139,7 @@ def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
 
 def _train_with_sigterm(argv, after_step):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     real_step = trainer.train_step
@@ -156,7 +156,7 @@ def _train_with_sigterm(argv, after_step):
 
 def _load_latest(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(None, argv))
     assert trainer.maybe_resume()
@@ -185,7 +185,7 @@ def test_bad_setups_stop_before_any_work(workdir, tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_tsdkd.config import ConfigError, load_config
-    from megatron_tsdkd.training.inputs import PreflightError, check_inputs as prepare
+    from megatron_tsdkd.planning.inputs import PreflightError, check_inputs as prepare
 
     with pytest.raises(ConfigError, match="method.top_k: expected an integer"):
         load_config(None, overrides(workdir, extra=["method.top_k=1.5"]))
@@ -215,7 +215,7 @@ NORMALISED = [("sft", False), ("kd", False), ("gkd", True), ("distillm", True)] 
 
 def _normalisation_runs(argv, micro_sizes):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for method, on_policy in NORMALISED:
@@ -251,7 +251,7 @@ def test_dp2_and_micro_batch_size_leave_loss_and_gradients_unchanged(workdir, tm
 
 def _recompute_runs(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     return {mode: [(h.metrics["loss/total"], h.metrics["optim/grad_norm"])
                    for h in build_trainer(load_config(None, argv + [f"models.recompute={mode}"])).train() if h.metrics]
@@ -268,7 +268,7 @@ def test_activation_recompute_changes_no_number(workdir, tmp_path):
 
 def _logged_terms(argv):
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     out = {}
     for method in ("sft", "tsdkd"):

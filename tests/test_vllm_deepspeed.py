@@ -1,7 +1,7 @@
-"""engine=deepspeed with rollouts on a colocated vLLM replica (training/deepspeed_engine.py, rollout.engine=vllm).
+"""engine=deepspeed with rollouts on a colocated vLLM replica (engines/deepspeed/engine.py, rollout.engine=vllm).
 
 On 2 gloo ranks under ZeRO-3, a tiny random Qwen2 student with head_dim 64 (vLLM's CPU attention has no head_dim
-16): the replica, fed by ``DeepSpeedTrainer._student_hf_tensors`` (one module's gather at a time), gives the same
+16): the replica, fed by ``DeepSpeedEngine.student_hf_tensors`` (one module's gather at a time), gives the same
 greedy responses as transformers' ``generate`` on the gathered weights; after a real on-policy train step with a
 large learning rate (whose rollout the replica drew) the step itself marks the weights stale and the next sync
 follows the new weights; a resumed checkpoint marks them stale again. The real vocabulary (259 of the config's 300
@@ -70,7 +70,7 @@ def _hf_greedy(trainer, path: str):
     elsewhere), and the gathered state dict's names."""
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    state = trainer.gathered_state_dict()
+    state = trainer.engine.gathered_state_dict()
     if state is None:
         return None, None
 
@@ -93,19 +93,18 @@ def _hf_greedy(trainer, path: str):
 
 
 def _vllm_deepspeed(root: str, ck: str) -> dict:
-    import dataclasses
-
     from megatron.core import parallel_state as ps
 
     from megatron_tsdkd.config import load_config
     from megatron_tsdkd.generation import SamplingConfig
     from megatron_tsdkd.generation.vllm_rollouts import VllmRollouts
-    from megatron_tsdkd.training.deepspeed_engine import DeepSpeedTrainer
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     student = f"{root}/student"
-    trainer = DeepSpeedTrainer(load_config(None, _argv(root) + [f"checkpoint.dir={ck}"]))
-    out = {"built_without_replica": trainer.rollouts is None}
-    rollouts = VllmRollouts(_replica(student), trainer._student_hf_tensors, group=ps.get_model_parallel_group())
+    trainer = build_trainer(load_config(None, _argv(root) + [f"checkpoint.dir={ck}"]))
+    out = {"built_without_replica": not isinstance(trainer.rollouts, VllmRollouts)}
+    rollouts = VllmRollouts(_replica(student), trainer.engine.student_hf_tensors, (EOS,),
+                            group=ps.get_model_parallel_group())
     trainer.rollouts = rollouts
     calls = []
     real_generate = rollouts.generate
@@ -118,10 +117,10 @@ def _vllm_deepspeed(root: str, ck: str) -> dict:
     greedy = SamplingConfig(greedy=True, max_new_tokens=MAX_NEW)
 
     def vllm():
-        result, seconds = real_generate(PROMPTS, greedy, eos_token_ids=(EOS,), generator_seed=0)
+        result, seconds = real_generate(PROMPTS, greedy, generator_seed=0)
         return result.responses, seconds
 
-    out["streamed_names"] = sorted(name for name, _ in trainer._student_hf_tensors())
+    out["streamed_names"] = sorted(name for name, _ in trainer.engine.student_hf_tensors())
     out["vllm_before"], out["sync_before"] = vllm()
     out["hf_before"], out["state_names"] = _hf_greedy(trainer, student)
     step = trainer.train_step()   # on-policy: its rollout is the replica's (synced: no sync in the step)
@@ -133,8 +132,7 @@ def _vllm_deepspeed(root: str, ck: str) -> dict:
     folder = trainer.save_checkpoint()
     trainer.train_step()
     out["vllm_step2"], _ = vllm()
-    trainer.cfg.checkpoint = dataclasses.replace(trainer.cfg.checkpoint, resume=folder)
-    out["resumed"] = trainer.maybe_resume()
+    out["resumed"] = trainer.maybe_resume(folder)
     out["stale_after_resume"] = rollouts.stale
     out["vllm_resumed"], _ = vllm()
     return out

@@ -71,7 +71,8 @@ def _megatron_rollouts(model, path: str):
     from megatron_tsdkd.models.weight_stream import stream_hf_tensors
 
     spec = arch_spec(AutoConfig.from_pretrained(path, local_files_only=True))
-    return VllmRollouts(_replica(path), lambda: stream_hf_tensors(model, spec), group=ps.get_model_parallel_group())
+    return VllmRollouts(_replica(path), lambda: stream_hf_tensors(model, spec), (EOS,),
+                        group=ps.get_model_parallel_group())
 
 
 def _large_lr_step(model) -> None:
@@ -106,12 +107,12 @@ def _greedy_of_one_student(path: str) -> dict:
 
     rollouts = _megatron_rollouts(model, path)
     out = {"megatron": megatron()}
-    vllm, out["sync_seconds"] = rollouts.generate(PROMPTS, config, eos_token_ids=(EOS,), generator_seed=0)
+    vllm, out["sync_seconds"] = rollouts.generate(PROMPTS, config, generator_seed=0)
     out["vllm"], out["finished"] = vllm.responses, vllm.finished
     _large_lr_step(model)
     rollouts.weights_changed()
     out["megatron_after"] = megatron()
-    vllm, _ = rollouts.generate(PROMPTS, config, eos_token_ids=(EOS,), generator_seed=0)
+    vllm, _ = rollouts.generate(PROMPTS, config, generator_seed=0)
     out["vllm_after"] = vllm.responses
     return out
 
@@ -184,10 +185,10 @@ def _prompt_too_long(path: str) -> str:
     from megatron_tsdkd.generation.vllm_rollouts import RolloutEngineError, VllmRollouts
 
     replica = _replica(path)
-    rollouts = VllmRollouts(replica, lambda: iter(()), group=ps.get_model_parallel_group())
+    rollouts = VllmRollouts(replica, lambda: iter(()), (EOS,), group=ps.get_model_parallel_group())
     rollouts.stale = False   # nothing to sync: the failure is in the sampling
     try:
-        rollouts.generate([list(range(3, 103))], SamplingConfig(max_new_tokens=4), eos_token_ids=(EOS,),
+        rollouts.generate([list(range(3, 103))], SamplingConfig(max_new_tokens=4),
                           generator_seed=0)
     except RolloutEngineError as error:
         return str(error)
@@ -204,7 +205,8 @@ def test_memory_plan_counts_the_replica_and_refuses_a_share_too_small_for_the_st
     import os
 
     from megatron_tsdkd.config import load_config
-    from megatron_tsdkd.training.memory_plan import MemoryPlanError, check_memory_plan, load_hf_spec
+    from megatron_tsdkd.planning.memory_plan import MemoryPlanError, load_hf_spec
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     root = os.path.join(os.path.dirname(__file__), "..")
     config = os.path.join(root, "configs", "tsdkd_70b_to_7b.yaml")

@@ -133,17 +133,17 @@ def _step_then_compare(argv: list) -> dict:
     from megatron_tsdkd.generation import SamplingConfig, generate
     from megatron_tsdkd.generation.vllm_replica import VllmReplica
     from megatron_tsdkd.generation.vllm_rollouts import VllmRollouts
-    from megatron_tsdkd.training.build import student_hf_tensors, sync_student_params
-    from megatron_tsdkd.training.trainer import build_trainer
+    from megatron_tsdkd.engines.megatron.engine import sync_student_params
+    from megatron_tsdkd.engines.trainer import build_trainer
 
     trainer = build_trainer(load_config(CONFIG, argv))
-    inputs, tokens = trainer.parts.inputs, trainer.tokens
+    inputs, tokens = trainer.inputs, trainer.tokens
     if inputs.student.meta_dir not in _replicas:
         _replicas[inputs.student.meta_dir] = VllmReplica(
             inputs.student.meta_dir, dtype=torch.float32, vocab_size=tokens.vocab_size, max_model_len=96, max_rows=8,
             memory_fraction=0.3)
-    rollouts = VllmRollouts(_replicas[inputs.student.meta_dir], lambda: student_hf_tensors(trainer.student, inputs),
-                            group=ps.get_model_parallel_group())
+    rollouts = VllmRollouts(_replicas[inputs.student.meta_dir], lambda: trainer.engine.student_hf_tensors(256 << 20),
+                            tokens.stop_ids, group=ps.get_model_parallel_group())
     prompts = [inputs.train[i].prompt_ids for i in range(4)]
     greedy = SamplingConfig(greedy=True, max_new_tokens=16)
 
@@ -151,7 +151,7 @@ def _step_then_compare(argv: list) -> dict:
         sync_student_params(trainer.student)
         ours = generate(unwrap_model(trainer.student), prompts, greedy, eos_token_ids=tokens.stop_ids,
                         pad_token_id=tokens.pad_id, vocab_size=tokens.vocab_size).responses
-        theirs, _ = rollouts.generate(prompts, greedy, eos_token_ids=tokens.stop_ids, generator_seed=0)
+        theirs, _ = rollouts.generate(prompts, greedy, generator_seed=0)
         return ours, theirs.responses
 
     before = both()

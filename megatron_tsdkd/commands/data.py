@@ -43,7 +43,7 @@ def _settings(args):
                 from megatron_tsdkd.models.source import resolve_model_source
 
                 folder = resolve_model_source(cfg.models.student.path, cfg.models.student.format).meta_dir
-            mode = args.mode or ("on_policy" if lam >= 1.0 else "off_policy")   # as training/inputs.py decides
+            mode = args.mode or ("on_policy" if lam >= 1.0 else "off_policy")   # as planning/inputs.py decides
         else:
             if not args.tokenizer:
                 _fail("give --config (the run's tokenizer and data settings) or --tokenizer FOLDER")

@@ -11,7 +11,7 @@ Two halves, so every rule is tested on a CPU with made-up facts: ``gather`` read
 versions from their metadata, not imports: megatron-core and vLLM are never imported; torch is, for its CUDA facts;
 the driver and GPUs from ``nvidia-smi``, else pynvml), and ``judge`` is a pure function of those facts. With
 ``--config`` the config is loaded (which imports megatron-core) for the checkpoint folder, the student's checkpoint
-size (its parameter count from training/memory_plan.py), the engine and the rollout engine.
+size (its parameter count from planning/memory_plan.py), the engine and the rollout engine.
 
 Version facts used by the rules (December 2026): a CUDA 13 build needs a driver >= 580, a CUDA 12 build >= 525,
 CUDA 11 >= 450 (NVIDIA's minor-version compatibility table); torch 2.12-2.14 ship CUDA 12.6 (index ``cu126``), 13.0
@@ -450,7 +450,7 @@ def _config_facts(facts: NodeFacts, config: str, overrides: list) -> None:
     from megatron_tsdkd.config import ConfigError, load_config
     from megatron_tsdkd.methods import method_class
     from megatron_tsdkd.models.dtypes import DTYPES
-    from megatron_tsdkd.training.memory_plan import (ADAM_MOMENT_BYTES, MASTER_WEIGHT_BYTES, load_hf_spec,
+    from megatron_tsdkd.planning.memory_plan import (ADAM_MOMENT_BYTES, MASTER_WEIGHT_BYTES, load_hf_spec,
                                                      total_parameters)
 
     try:

@@ -73,7 +73,7 @@ def main(argv=None):
 
     from megatron_tsdkd.data import DataFormatError
     from megatron_tsdkd.eval.answers import make_extractor
-    from megatron_tsdkd.training.inputs import launcher_world_size
+    from megatron_tsdkd.planning.inputs import launcher_world_size
 
     try:
         extractor = make_extractor(args.answer_pattern)
@@ -143,7 +143,7 @@ def _run_tasks(args) -> dict:
     refused = sandbox.refusal() if "mbpp" in names else None   # before any model is loaded
     if refused:
         sys.exit(f"error: --tasks {args.tasks}: {refused}")
-    from megatron_tsdkd.training.inputs import launcher_world_size
+    from megatron_tsdkd.planning.inputs import launcher_world_size
 
     world = launcher_world_size()
     if world % (args.tp * args.pp):

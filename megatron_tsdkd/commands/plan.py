@@ -46,8 +46,9 @@ def main(argv=None) -> None:
 
     from megatron_tsdkd.config import ConfigError, load_config
     from megatron_tsdkd.methods import method_class
-    from megatron_tsdkd.training.host_memory_plan import node_facts
-    from megatron_tsdkd.training.memory_plan import load_hf_spec, plan_for_config
+    from megatron_tsdkd.planning.host_memory_plan import node_facts
+    from megatron_tsdkd.planning.memory_plan import load_hf_spec
+    from megatron_tsdkd.planning.memory_gate import plan_for_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -12,7 +12,7 @@ library warnings included, goes to stdout), so a launcher can run it before torc
 
 Every process calls ``runtime.warnings.install()`` first (torchrun starts this command in each worker), and logs
 through Python logging: warnings and above from libraries, INFO from this project (rank 0's start-up summary and
-its per-step text lines, see training/metrics.py) to stderr.
+its per-step text lines, see engines/metrics.py) to stderr.
 """
 from __future__ import annotations
 
@@ -42,37 +42,19 @@ def configure_logging(stream=None) -> None:
     logging.getLogger("megatron_tsdkd").setLevel(logging.INFO)
 
 
-def _resume_step(cfg) -> int:
-    """The step a launch would resume from (0 for a fresh run), read off the checkpoint folder's name."""
-    from megatron_tsdkd.training import checkpoint
-
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        return 0
-    folder = checkpoint.latest_checkpoint(cfg.checkpoint.dir) if resume == "auto" else resume
-    match = checkpoint.STEP_DIR.match(os.path.basename(os.path.normpath(folder))) if folder else None
-    return int(match.group(1)) if match else 0
-
-
 def dry_run(cfg) -> None:
-    """Everything a launch checks before its first collective, for the world it would start; prints the summary
-    and the memory plan. Raises the same errors a launch would (PreflightError, MemoryPlanError, ...)."""
-    from megatron_tsdkd.data import training_sampler
-    from megatron_tsdkd.training.inputs import check_inputs
-    from megatron_tsdkd.training.metrics import startup_summary
+    """Everything a launch checks before its first collective, for the world it would start (``WORLD_SIZE`` and
+    ``LOCAL_WORLD_SIZE`` as the launcher would set them, else parallel.tensor x parallel.pipeline on one node);
+    prints the summary and the memory plan. Raises the same errors a launch would (PreflightError,
+    MemoryPlanError, ...)."""
+    from megatron_tsdkd.engines.metrics import startup_summary
+    from megatron_tsdkd.planning.run_plan import preflight
 
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    world = int(os.environ.get("WORLD_SIZE") or tp * pp)
-    os.environ["WORLD_SIZE"] = str(world)   # the preflight's world check (inputs.launcher_world_size) sees it too
-    inputs = check_inputs(cfg)
-    plan = inputs.memory_plan
-    dp, b = world // (tp * pp), cfg.batch
-    sampler = training_sampler(inputs.train, cfg.data, b.global_size // cfg.rollout.num_samples, 0, dp, cfg.seed)
-    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * sampler.batches_per_epoch  # as build_parts
-    for line in startup_summary(cfg, inputs, plan, world_size=world, total_steps=total_steps,
-                                num_microbatches=b.global_size // (dp * b.micro_size), start_step=_resume_step(cfg)):
+    world = int(os.environ.get("WORLD_SIZE") or cfg.parallel.tensor * cfg.parallel.pipeline)
+    inputs, plan = preflight(cfg, world_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE") or world))
+    for line in startup_summary(cfg, inputs, plan, start_step=plan.resume_step):
         print(line)
-    print(plan.table())
+    print(plan.memory.table())
     print(f"dry run: the config, the inputs and the memory plan for {world} processes are fine; nothing was built")
 
 
@@ -100,23 +82,24 @@ def main(argv=None) -> None:
     except ConfigError as error:
         _fail(str(error))
     if args.print_config:
-        from megatron_tsdkd.training.run_config import config_yaml
+        from megatron_tsdkd.planning.run_config import config_yaml
 
         print(config_yaml(cfg), end="")
         return
-    from megatron_tsdkd.training.inputs import PreflightError, check_inputs
-    from megatron_tsdkd.training.memory_plan import MemoryPlanError
+    from megatron_tsdkd.planning.inputs import PreflightError
+    from megatron_tsdkd.planning.memory_plan import MemoryPlanError
+    from megatron_tsdkd.planning.run_plan import preflight
     try:
-        inputs = check_inputs(cfg)
+        inputs, plan = preflight(cfg)
     except (PreflightError, MemoryPlanError) as error:
         first, *table = str(error).splitlines()
         if table:   # the memory plan's table, then the one-line error
             print("\n".join(table), flush=True)
         _fail(first)
+    from megatron_tsdkd.engines.job import run_job
     from megatron_tsdkd.generation.vllm_rollouts import RolloutEngineError
-    from megatron_tsdkd.training.job import run_job
     try:
-        run_job(cfg, inputs)
+        run_job(cfg, inputs, plan)
     except Exception as error:   # noqa: BLE001 - a peer's death is named as the cause; else as before
         _fail_if_a_peer_died(error)
         if isinstance(error, RolloutEngineError):   # a vLLM crash or out-of-memory: one line, the checkpoint stays
@@ -145,7 +128,7 @@ def _fail_if_a_peer_died(error: Exception) -> None:
 def _dry_run_main(args) -> None:
     """stderr carries nothing but the one error line: logging, warnings and prints all go to stdout."""
     from megatron_tsdkd.config import ConfigError, load_config
-    from megatron_tsdkd.training.checkpoint import CheckpointError
+    from megatron_tsdkd.models.run_folder import CheckpointError
 
     configure_logging(sys.stdout)
     try:

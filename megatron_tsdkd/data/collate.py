@@ -15,7 +15,7 @@ left-padded by default (every row's last prompt token in the last column), with 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -144,7 +144,7 @@ def micro_batches(pairs: Sequence[tuple], micro_size: int, pad_id: int, max_leng
     ``logprobs``: optional rollout log-probabilities per response token (``TrainingBatch.rollout_logprobs``), alike.
 
     Micro-batches of different widths are what the trainer's schedule expects: at PP > 1 the co-located stage
-    asks megatron-core for variable sequence lengths (training/colocation.py), which sends each activation's shape
+    asks megatron-core for variable sequence lengths (engines/megatron/colocation.py), which sends each activation's shape
     ahead of it. Padding only follows a row's real tokens (causal attention, right padding), so a row's numbers do
     not depend on the width it is padded to. ``sort_by_length`` sorts the step's rows by length before cutting,
     so rows of similar length share a micro-batch (less padding still); the trainer's per-token normalisation
@@ -189,11 +189,15 @@ def collate_prompts(prompts: Sequence[Union[TokenizedExample, Sequence[int]]], p
     return PromptBatch(input_ids, attention_mask, torch.tensor([len(r) for r in rows], dtype=torch.long), padding_side)
 
 
-def trim_generation(tokens: Sequence[int], eos_id: int, pad_id: Optional[int] = None) -> list[int]:
-    """A generated response up to and including its first EOS; without EOS, trailing ``pad_id`` tokens are dropped."""
+def trim_generation(tokens: Sequence[int], eos_id: Union[int, Iterable[int]],
+                    pad_id: Optional[int] = None) -> list[int]:
+    """A generated response up to and including its first stop token (``eos_id``: one id or several); without one,
+    trailing ``pad_id`` tokens are dropped. The one stop trimming of every generator that pads (HF generate)."""
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     tokens = [int(t) for t in tokens]
-    if eos_id in tokens:
-        return tokens[:tokens.index(eos_id) + 1]
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+    if end is not None:
+        return tokens[:end]
     if pad_id is not None:
         while tokens and tokens[-1] == pad_id:
             tokens.pop()

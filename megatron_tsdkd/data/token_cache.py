@@ -30,7 +30,7 @@ from typing import Callable, Optional
 from megatron_tsdkd.runtime.file_lock import FileLock, describe
 
 from .chat_tokenization import ChatTemplateTokenizer, TruncationStats
-from .dataset import tokenized_chunks
+from .chat_dataset import tokenized_chunks
 from .records import Fields, Mode
 from .sources import DataSource, fingerprint, row_count
 from .token_store import MappedChatDataset, open_store, write_store

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from .chat_tokenization import TokenizedExample, TruncationStats
-from .dataset import ChatDataset
+from .chat_dataset import ChatDataset
 
 META = "meta.json"
 OFFSET, PROMPT, RESPONSE, FILE, ROW, HAS_ANSWER = range(6)

@@ -2,7 +2,7 @@
 from both models' next-token logits. The rollouts of Speculative KD and of MiniLLM's teacher-mixed sampling.
 
 Per step, every pipeline stage runs the new column through the student's stage and then the teacher's (both are
-co-located on the same ranks, training/colocation.py, so the p2p sends pair up in the same order on every stage);
+co-located on the same ranks, engines/megatron/colocation.py, so the p2p sends pair up in the same order on every stage);
 the last stage holds both models' next-token logits and picks the token with the rule; the ids are broadcast as in
 generate.py, so every rank holds the same responses.
 

@@ -33,7 +33,7 @@ class GenerationOutput:
     finished: list[bool]         # True where the row ended with an EOS token, False where max_new_tokens cut it
     # per response token: its log-probability under the sampling model (the student) at temperature 1 over the real
     # vocabulary, whatever the sampling settings: what the trainer's forward gives the same token (the rollout
-    # guard compares them, training/rollout_guard.py). Our decode has them on the last pipeline stage only (where
+    # guard compares them, engines/rollout_guard.py). Our decode has them on the last pipeline stage only (where
     # the losses run; None on the others); a vLLM replica on every rank.
     logprobs: Optional[list[list[float]]] = None
 

@@ -49,10 +49,16 @@ def _engine_failure(what: str, error: BaseException) -> RolloutEngineError:
 
 
 class VllmRollouts:
-    def __init__(self, replica, stream_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]], group=None):
+    """A rollout backend (generation/rollout_backends.py) on this rank's replica; ``stop_ids`` end a response."""
+
+    syncs_weights = True
+
+    def __init__(self, replica, stream_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]],
+                 stop_ids: Iterable[int], group=None):
         import torch.distributed as dist
 
         self.replica, self.stream_weights, self.group = replica, stream_weights, group
+        self.stop_ids = tuple(stop_ids)
         initialized = dist.is_initialized()
         self.parts = dist.get_world_size(group) if initialized else 1
         self.index = dist.get_rank(group) if initialized else 0
@@ -76,7 +82,7 @@ class VllmRollouts:
         self.stale = False
         return time.perf_counter() - start
 
-    def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, eos_token_ids: Iterable[int],
+    def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig,
                  generator_seed: int) -> tuple[GenerationOutput, float]:
         """``config.num_samples`` responses per prompt for this data-parallel rank (GenerationOutput's order), with
         their log-probabilities, identical on every rank of the model-parallel group; and the seconds the weight
@@ -86,7 +92,7 @@ class VllmRollouts:
         mine = _share(len(prompts), self.parts, self.index)
         seeds = [derive_seed(generator_seed, row) for p in mine for row in range(p * n, (p + 1) * n)]
         try:
-            out = (self.replica.generate([prompts[p] for p in mine], config, eos_token_ids=eos_token_ids,
+            out = (self.replica.generate([prompts[p] for p in mine], config, eos_token_ids=self.stop_ids,
                                          seeds=seeds) if len(mine) else GenerationOutput([], [], [], []))
             self.replica.sleep()
         except Exception as error:   # noqa: BLE001 - any failure inside vLLM ends the run with one line
@@ -100,3 +106,15 @@ class VllmRollouts:
 
     def close(self) -> None:
         self.replica.close()
+
+
+def colocated_vllm_rollouts(hf_dir: str, *, dtype: torch.dtype, tokens, max_model_len: int, max_rows: int,
+                            memory_fraction: float, seed: int, stream_weights, group) -> VllmRollouts:
+    """This rank's replica of the student (config.json of ``hf_dir``) and its rollout driver: both engines build
+    their vLLM rollouts here. ``tokens``: the run's TokenSpec (real vocabulary, stop ids); ``max_rows``: the
+    responses a rank samples per step; ``group``: the ranks that train one copy of the student."""
+    from megatron_tsdkd.generation.vllm_replica import VllmReplica   # imports vLLM, an optional dependency
+
+    replica = VllmReplica(hf_dir, dtype=dtype, vocab_size=tokens.vocab_size, max_model_len=max_model_len,
+                          max_rows=max_rows, memory_fraction=memory_fraction, seed=seed)
+    return VllmRollouts(replica, stream_weights, tokens.stop_ids, group)

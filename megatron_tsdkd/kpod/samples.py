@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from megatron_tsdkd.data.dataset import ChatDataset, WeightedExample
+from megatron_tsdkd.data.chat_dataset import ChatDataset, WeightedExample
 from megatron_tsdkd.kpod import artefacts
 from megatron_tsdkd.kpod.steps import ANSWER
 

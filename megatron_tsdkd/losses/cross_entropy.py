@@ -1,10 +1,10 @@
 """Vocab-parallel cross-entropy on labels (SFT, Seq-KD), chunked like the distillation losses; its forward alone
 gives log-likelihoods and greedy flags for evaluation (``label_log_probs``, lm-eval's loglikelihood).
 
-Hand-written rather than megatron.core.tensor_parallel.vocab_parallel_cross_entropy because that one reads the global
-parallel_state group (this library takes any group, or None for one device), upcasts the whole [tokens, V/TP] tensor
-at once, and knows nothing of padded vocabulary entries. Same maths: loss = logsumexp(z) - z[label],
-d/dz = softmax(z) - onehot(label); the label's logit comes from its owning rank.
+Hand-written rather than megatron.core.tensor_parallel.vocab_parallel_cross_entropy because that one takes megatron's
+global tensor-parallel group (this library takes any group, or None for one device), upcasts the whole
+[tokens, V/TP] tensor at once, and knows nothing of padded vocabulary entries. Same maths: loss = logsumexp(z) -
+z[label], d/dz = softmax(z) - onehot(label); the label's logit comes from its owning rank.
 """
 from __future__ import annotations
 

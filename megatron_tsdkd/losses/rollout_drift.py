@@ -1,5 +1,5 @@
 """How far the rollout engine's log-probabilities of the tokens it sampled are from the trainer's own: the sums
-behind ``rollout/logprob_diff`` and ``rollout/kl`` (training/rollout_guard.py).
+behind ``rollout/logprob_diff`` and ``rollout/kl`` (engines/rollout_guard.py).
 
 Both sides score the same token under the student's distribution at temperature 1 over the real vocabulary: the
 engine when it sampled it (generation: ``GenerationOutput.logprobs``), the trainer in its forward (the label's

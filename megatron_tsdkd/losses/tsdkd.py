@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -87,75 +87,93 @@ def tsdkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     stats = token_statistics(student, teacher, positions, Divergence.generalized_jsd(config.beta), shard,
                              temperature=config.temperature, chunk_size=config.chunk_size,
                              top_k=config.top_k if config.use_indirect else 0, argmax=diagnose)
+    terms = _gated_direct(stats, config)
     count = positions.numel()
-    h_s, h_t = stats.student_entropy, stats.teacher_entropy
-    zero = h_s.new_zeros(())
-
-    gate = entropy_gate(h_s, h_t, config.tau) if config.use_gate else torch.ones_like(h_t)
-    direct = token_mean(gate * stats.divergence, count)
-    gate_mean = token_mean(gate, count) if count else zero + 1.0
-
-    entropy, selected_count, selected = zero, 0, None
     if (config.use_entropy or diagnose) and count:
-        selected = top_entropy_selection(h_s, config.rho)
-    if config.use_entropy and count:
-        entropy, selected_count = h_s.index_select(0, selected).mean(), selected.numel()
-
-    indirect, opener_length, beyond_top1 = zero, zero, zero
+        terms.set_entropy(top_entropy_selection(stats.student_entropy, config.rho), config)
     if config.use_indirect and count:
         # every target ranked, the opener's kept by a mask: no data-dependent gather, no host sync
         rows = positions // mask.shape[1]
-        keep, lengths = opener_selection(h_s, rows, config.opener_fraction, *mask.shape)
-        opener_length = lengths.sum() / (lengths > 0).sum()
-        indirect = torch.where(keep, ranking_nll(stats, compat=False), 0.0).sum() / keep.sum()
+        keep, lengths = opener_selection(stats.student_entropy, rows, config.opener_fraction, *mask.shape)
+        terms.opener_length = lengths.sum() / (lengths > 0).sum()
+        terms.indirect = torch.where(keep, ranking_nll(stats, compat=False), 0.0).sum() / keep.sum()
         if diagnose:
-            beyond_top1 = torch.where(keep, teacher_mass_beyond_top1(stats), 0.0).sum() / keep.sum()
-    return _combine(config, direct, entropy, indirect, gate_mean, opener_length, selected_count, diagnose,
-                    student_logits, tp_group, stats, selected, beyond_top1, balance)
+            terms.beyond_top1 = torch.where(keep, teacher_mass_beyond_top1(stats), 0.0).sum() / keep.sum()
+    return _combine(config, terms, student_logits, tp_group, diagnose, balance)
 
 
 def _reference_tsdkd_loss(student, teacher, student_logits, mask, config, shard, tp_group, diagnose,
                           completion_start, balance) -> TSDKDLossOutput:
-    """The released code's loss (losses/reference_compat.py) on the micro-batch's completion block."""
+    """The released code's loss (losses/reference_compat.py) on the micro-batch's completion block: the same terms
+    as ``tsdkd_loss``, over the block's targets, with the released selection rules."""
     block = completion_block(mask, completion_start)
     stats = token_statistics(student, teacher, block.positions, Divergence.generalized_jsd(config.beta), shard,
                              temperature=config.temperature, chunk_size=config.chunk_size,
                              top_k=config.top_k if config.use_indirect else 0, argmax=diagnose)
     on_target = block.inverse[block.target]              # into the statistics, row-major
+    terms = _gated_direct(stats, config, on_target)
     count = on_target.numel()
+    if (config.use_entropy or diagnose) and count:
+        terms.set_entropy(reference_compat.entropy_selection(stats.student_entropy, block, config.rho), config)
+    if config.use_indirect and count:
+        length = reference_compat.opener_length(stats.student_entropy.index_select(0, on_target),
+                                                config.opener_fraction)
+        opener = reference_compat.opener_targets(block, length)
+        terms.opener_length = terms.zero + length
+        if opener.numel():
+            terms.indirect = ranking_nll(stats, opener, compat=True).sum() / opener.numel()
+            if diagnose:
+                terms.beyond_top1 = teacher_mass_beyond_top1(stats, opener).mean()
+    return _combine(config, terms, student_logits, tp_group, diagnose, balance)
+
+
+@dataclass
+class _Terms:
+    """One micro-batch's TSD-KD terms before weighting, and what the diagnostics read (both paths fill it)."""
+    stats: object
+    direct: torch.Tensor
+    gate_mean: torch.Tensor
+    zero: torch.Tensor
+    entropy: torch.Tensor = None
+    selected: Optional[torch.Tensor] = None   # the entropy set I (indices into ``stats``)
+    selected_count: int = 0
+    indirect: torch.Tensor = None
+    opener_length: torch.Tensor = None
+    beyond_top1: torch.Tensor = None
+
+    def __post_init__(self):
+        for name in ("entropy", "indirect", "opener_length", "beyond_top1"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.zero)
+
+    def set_entropy(self, selected: torch.Tensor, config: TSDKDLossConfig) -> None:
+        """The entropy set I; the entropy term (its mean student entropy) when the term is on."""
+        self.selected = selected
+        if config.use_entropy:
+            self.entropy = self.stats.student_entropy.index_select(0, selected).mean()
+            self.selected_count = selected.numel()
+
+
+def _gated_direct(stats, config: TSDKDLossConfig, on: Optional[torch.Tensor] = None) -> _Terms:
+    """The gated JSD (the direct term) and the gate's mean over the targets (``on``: their indices into ``stats``,
+    None for all of them)."""
     h_s, h_t = stats.student_entropy, stats.teacher_entropy
     zero = h_s.new_zeros(())
     gate = entropy_gate(h_s, h_t, config.tau) if config.use_gate else torch.ones_like(h_t)
-    gate = gate.index_select(0, on_target)
-    direct = token_mean(gate * stats.divergence.index_select(0, on_target), count)
-    gate_mean = token_mean(gate, count) if count else zero + 1.0
-
-    entropy, selected_count, selected = zero, 0, None
-    if (config.use_entropy or diagnose) and count:
-        selected = reference_compat.entropy_selection(h_s, block, config.rho)
-    if config.use_entropy and count:
-        entropy, selected_count = h_s.index_select(0, selected).sum() / selected.numel(), selected.numel()
-
-    indirect, opener_length, beyond_top1 = zero, zero, zero
-    if config.use_indirect and count:
-        length = reference_compat.opener_length(h_s.index_select(0, on_target), config.opener_fraction)
-        opener = reference_compat.opener_targets(block, length)
-        opener_length = zero + length
-        if opener.numel():
-            indirect = ranking_nll(stats, opener, compat=True).sum() / opener.numel()
-            if diagnose:
-                beyond_top1 = teacher_mass_beyond_top1(stats, opener).mean()
-    return _combine(config, direct, entropy, indirect, gate_mean, opener_length, selected_count, diagnose,
-                    student_logits, tp_group, stats, selected, beyond_top1, balance)
+    divergence = stats.divergence
+    if on is not None:
+        gate, divergence = gate.index_select(0, on), divergence.index_select(0, on)
+    count = gate.numel()
+    return _Terms(stats, token_mean(gate * divergence, count), token_mean(gate, count) if count else zero + 1.0,
+                  zero)
 
 
-def _combine(config, direct, entropy, indirect, gate_mean, opener_length, selected_count, diagnose, student_logits,
-             tp_group, stats, selected, beyond_top1, balance) -> TSDKDLossOutput:
+def _combine(config, terms: _Terms, student_logits, tp_group, diagnose, balance) -> TSDKDLossOutput:
     """The total of the switched-on weighted terms (times the balance weights when balancing), the output, and the
     diagnostics when asked."""
-    zero = direct.new_zeros(())
-    weighted = {"direct": direct, "entropy": config.gamma_em * entropy if config.use_entropy else zero,
-                "indirect": config.alpha * indirect if config.use_indirect else zero}
+    direct, zero = terms.direct, terms.zero
+    weighted = {"direct": direct, "entropy": config.gamma_em * terms.entropy if config.use_entropy else zero,
+                "indirect": config.alpha * terms.indirect if config.use_indirect else zero}
     norms = None
     weights = torch.ones(len(TERMS), dtype=direct.dtype, device=direct.device)
     if balance is not None:
@@ -170,12 +188,13 @@ def _combine(config, direct, entropy, indirect, gate_mean, opener_length, select
         loss = loss + weights[1] * weighted["entropy"]
     if config.use_indirect:
         loss = loss + weights[2] * weighted["indirect"]
-    out = TSDKDLossOutput(loss, direct, entropy, indirect, gate_mean.detach(), opener_length.detach(),
-                          zero + selected_count, term_weights=weights.detach())
+    out = TSDKDLossOutput(loss, direct, terms.entropy, terms.indirect, terms.gate_mean.detach(),
+                          terms.opener_length.detach(), zero + terms.selected_count, term_weights=weights.detach())
     if diagnose:
         if norms is not None:   # the applied terms' norms: the balance weights are constants, no extra backward
             norms = {t: weights[i].detach() * norms[t] for i, t in enumerate(TERMS)}
-        out.diagnostics = term_balance(weighted, student_logits, tp_group, stats, selected, beyond_top1, norms)
+        out.diagnostics = term_balance(weighted, student_logits, tp_group, terms.stats, terms.selected,
+                                       terms.beyond_top1, norms)
     return out
 
 

@@ -2,7 +2,7 @@
 
 Each tensor-parallel rank r holds logits[..., r*W:(r+1)*W] of a vocabulary padded to W*TP columns; columns at or
 above ``vocab_size`` are not real tokens and count as -inf in every softmax. Per token only a few scalars cross
-ranks. Written by hand (megatron-core's equivalents read the global parallel_state group, only do cross-entropy,
+ranks. Written by hand (megatron-core's equivalents take its global tensor-parallel group, only do cross-entropy,
 and have no top-K); the gradient rule for replicated losses follows megatron-core's mappings: an all-reduce SUM in
 forward is the identity in backward, because every rank back-propagates the same loss into its own shard.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 
@@ -46,6 +46,19 @@ class DistillationConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a method's loss needs beyond its tensors, handed over by the trainer (methods and losses read no global
+    parallel state): the tensor-parallel group the logits are sharded over (None: one device), the data-parallel
+    group a method that keeps state across steps averages over (None: the default group), the real vocabulary (ids
+    at or above it are padding rows), and whether this step computes the method's diagnostics (they cost extra
+    work, e.g. one backward per loss term, so only on logging.diagnostics_interval steps)."""
+    tp_group: Any = None
+    dp_group: Any = None
+    vocab_size: Optional[int] = None
+    diagnose: bool = False
 
 
 @dataclass
@@ -86,9 +99,6 @@ class DistillationMethod:
     # The engines that can run it and why not the others: engine=deepspeed has the student's own generate only and
     # the plain data path (no co-generation, no per-epoch weighted samples).
     engines: ClassVar[tuple[str, ...]] = ("megatron", "deepspeed")
-    # Set by the trainer before each micro-batch's loss: True on diagnostic steps (logging.diagnostics_interval).
-    # Diagnostics cost extra work (e.g. one backward per loss term), so a method computes them only then.
-    logging_step: bool = False
 
     def __init__(self, config: MethodConfig):
         if not isinstance(config, self.Config):
@@ -101,7 +111,7 @@ class DistillationMethod:
         return 1.0 if cls.on_policy else 0.0
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], batch: "TrainingBatch",
-             *, tp_group=None, vocab_size: Optional[int] = None) -> MethodOutput:
+             ctx: LossContext = LossContext()) -> MethodOutput:
         raise NotImplementedError
 
     def share_warning(self) -> Optional[ShareWarning]:

@@ -4,7 +4,8 @@ from typing import Literal
 
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.losses import skew_kl_loss, skew_reverse_kl_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationConfig, DistillationMethod, LossContext, MethodOutput, register,
+                                         targets_of)
 
 DIVERGENCES = {"skew_kl": skew_kl_loss, "skew_rkl": skew_reverse_kl_loss}
 
@@ -25,9 +26,9 @@ class DistiLLM(DistillationMethod):
     Config = DistiLLMConfig
     logs = ("divergence",)        # the chosen skew divergence (method.distillm_divergence)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         fn = DIVERGENCES[self.config.distillm_divergence]
         loss = fn(student_logits, teacher_logits, batch.loss_mask, alpha=self.config.skew_alpha,
-                  temperature=self.config.temperature, tp_group=tp_group, vocab_size=vocab_size,
+                  temperature=self.config.temperature, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size,
                   chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"divergence": loss.detach()})

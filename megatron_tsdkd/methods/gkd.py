@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.losses import generalized_jsd_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationConfig, DistillationMethod, LossContext, MethodOutput, register,
+                                         targets_of)
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,8 @@ class GKD(DistillationMethod):
     Config = GKDConfig
     logs = ("jsd",)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         loss = generalized_jsd_loss(student_logits, teacher_logits, batch.loss_mask, beta=self.config.beta,
-                                    temperature=self.config.temperature, tp_group=tp_group, vocab_size=vocab_size,
+                                    temperature=self.config.temperature, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size,
                                     chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"jsd": loss.detach()})

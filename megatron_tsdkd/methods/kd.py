@@ -1,6 +1,7 @@
 """Supervised KD: forward KL(p_T || p_S) on fixed responses."""
 from megatron_tsdkd.losses import forward_kl_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationConfig, DistillationMethod, LossContext, MethodOutput, register,
+                                         targets_of)
 
 
 @register
@@ -10,8 +11,8 @@ class SupervisedKD(DistillationMethod):
     on_policy = False
     logs = ("forward_kl",)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         loss = forward_kl_loss(student_logits, teacher_logits, batch.loss_mask, temperature=self.config.temperature,
-                               tp_group=tp_group, vocab_size=vocab_size, chunk_size=self.config.chunk_size,
+                               tp_group=ctx.tp_group, vocab_size=ctx.vocab_size, chunk_size=self.config.chunk_size,
                                targets=targets_of(batch))
         return MethodOutput(loss, {"forward_kl": loss.detach()})

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from megatron_tsdkd.checks import require, require_flags
 from megatron_tsdkd.losses import cross_entropy_loss
-from megatron_tsdkd.methods.base import DistillationMethod, MethodConfig, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationMethod, LossContext, MethodConfig, MethodOutput, register,
+                                         targets_of)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class KPOD(DistillationMethod):
     on_policy = False
     logs = ("weighted_nll",)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
-        loss = cross_entropy_loss(student_logits, batch.labels, batch.loss_mask, tp_group=tp_group,
-                                  vocab_size=vocab_size, chunk_size=self.config.chunk_size, targets=targets_of(batch))
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
+        loss = cross_entropy_loss(student_logits, batch.labels, batch.loss_mask, tp_group=ctx.tp_group,
+                                  vocab_size=ctx.vocab_size, chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"weighted_nll": loss.detach()})

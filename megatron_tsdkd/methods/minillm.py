@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from megatron_tsdkd.checks import require, require_flags
 from megatron_tsdkd.generation.co_generation import CoSampling
 from megatron_tsdkd.losses.minillm import minillm_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationConfig, DistillationMethod, LossContext, MethodOutput, register,
+                                         targets_of)
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class MiniLLM(DistillationMethod):
     def co_sampling(self) -> CoSampling:
         return CoSampling("mixture", mix_alpha=self.config.mix_alpha)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         c = self.config
         out = minillm_loss(student_logits, teacher_logits, batch.labels, batch.loss_mask, mix_alpha=c.mix_alpha,
-                           weight_clip=c.weight_clip, length_normalise=c.length_normalise, tp_group=tp_group,
-                           vocab_size=vocab_size, chunk_size=c.chunk_size, targets=targets_of(batch))
+                           weight_clip=c.weight_clip, length_normalise=c.length_normalise, tp_group=ctx.tp_group,
+                           vocab_size=ctx.vocab_size, chunk_size=c.chunk_size, targets=targets_of(batch))
         return MethodOutput(out.loss, {name: getattr(out, name).detach().float() for name in self.logs})

@@ -19,7 +19,8 @@ from typing import Literal
 from megatron_tsdkd.checks import require
 from megatron_tsdkd.generation.co_generation import CoSampling
 from megatron_tsdkd.losses import Divergence, divergence_loss
-from megatron_tsdkd.methods.base import DistillationConfig, DistillationMethod, MethodOutput, register, targets_of
+from megatron_tsdkd.methods.base import (DistillationConfig, DistillationMethod, LossContext, MethodOutput, register,
+                                         targets_of)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class SpeculativeKD(DistillationMethod):
     def co_sampling(self) -> CoSampling:
         return CoSampling("speculative", top_k=self.config.top_k)
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         loss = divergence_loss(student_logits, teacher_logits, batch.loss_mask, self.config.divergence,
-                               temperature=self.config.temperature, tp_group=tp_group, vocab_size=vocab_size,
+                               temperature=self.config.temperature, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size,
                                chunk_size=self.config.chunk_size, targets=targets_of(batch))
         return MethodOutput(loss, {"divergence": loss.detach()})

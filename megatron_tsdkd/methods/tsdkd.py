@@ -7,15 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
-from megatron.core import parallel_state
-
 from megatron_tsdkd.losses import TSDKDLossConfig, tsdkd_loss
 from megatron_tsdkd.losses.sequence_ranking import sequence_ranking_loss
 from megatron_tsdkd.losses.term_balance import TermBalance
 from megatron_tsdkd.losses.term_gradients import term_gradient_norms
 from megatron_tsdkd.losses.tsdkd import DIAGNOSTICS, TERMS
-from megatron_tsdkd.methods.base import (DistillationMethod, MethodConfig, MethodOutput, ShareWarning, register,
-                                         targets_of)
+from megatron_tsdkd.methods.base import (DistillationMethod, LossContext, MethodConfig, MethodOutput, ShareWarning,
+                                         register, targets_of)
 
 
 @dataclass(frozen=True)
@@ -40,31 +38,31 @@ class TSDKD(DistillationMethod):
                                        (True, config.use_entropy, config.use_indirect), config.balance_decay)
             self.diagnostics = DIAGNOSTICS + self.BALANCE_WEIGHTS   # logged with the others
 
-    def loss(self, student_logits, teacher_logits, batch, *, tp_group=None, vocab_size=None):
+    def loss(self, student_logits, teacher_logits, batch, ctx=LossContext()):
         # indirect_level=sequence: the token-level ranking is replaced by the teacher's ranking of whole responses
         sequence = self.config.use_indirect and self.config.indirect_level == "sequence"
         config = dataclasses.replace(self.config, use_indirect=False) if sequence else self.config
         # reference_compat: the released rules see each row's completion block, from its prompt end on
         start = batch.prompt_lengths - 1 if config.reference_compat else None
-        balance = partial(self._balance_weights, group=data_parallel_group()) if self.balance else None
-        out = tsdkd_loss(student_logits, teacher_logits, batch.loss_mask, config, tp_group=tp_group,
-                         vocab_size=vocab_size, diagnose=self.logging_step, completion_start=start, balance=balance,
+        balance = partial(self._balance_weights, group=ctx.dp_group) if self.balance else None
+        out = tsdkd_loss(student_logits, teacher_logits, batch.loss_mask, config, tp_group=ctx.tp_group,
+                         vocab_size=ctx.vocab_size, diagnose=ctx.diagnose, completion_start=start, balance=balance,
                          targets=targets_of(batch))
         loss, metrics = out.loss, {name: getattr(out, name).detach().float() for name in self.logs}
         if sequence:
             indirect = sequence_ranking_loss(student_logits, teacher_logits, batch.labels, batch.loss_mask,
-                                             batch.input_ids, batch.prompt_lengths, tp_group=tp_group,
-                                             vocab_size=vocab_size, chunk_size=self.config.chunk_size,
+                                             batch.input_ids, batch.prompt_lengths, tp_group=ctx.tp_group,
+                                             vocab_size=ctx.vocab_size, chunk_size=self.config.chunk_size,
                                              targets=targets_of(batch))
             loss, metrics["indirect"] = loss + self.config.alpha * indirect, indirect.detach().float()
-            if self.logging_step:   # the term shares with the sequence-level ranking term in place of the token one
+            if ctx.diagnose:   # the term shares with the sequence-level ranking term in place of the token one
                 c = self.config
                 weighted = {"direct": out.direct, "entropy": c.gamma_em * out.entropy if c.use_entropy else
                             out.entropy.detach() * 0, "indirect": c.alpha * indirect}
-                norms, shares = term_gradient_norms(weighted, student_logits, tp_group)
+                norms, shares = term_gradient_norms(weighted, student_logits, ctx.tp_group)
                 out.diagnostics.update({f"grad_norm/{k}": v.float() for k, v in norms.items()})
                 out.diagnostics.update({f"grad_share/{k}": v.float() for k, v in shares.items()})
-        if self.balance and self.logging_step:
+        if self.balance and ctx.diagnose:
             out.diagnostics.update({name: w.float() for name, w in zip(self.BALANCE_WEIGHTS, out.term_weights)})
         return MethodOutput(loss, metrics, out.diagnostics)
 
@@ -85,8 +83,3 @@ class TSDKD(DistillationMethod):
                             "the distillation term hardly reaches the student; method.gamma_em (entropy term) and "
                             "method.alpha (ranking term) scale the others")
 
-
-def data_parallel_group():
-    """The group the balance averages over: megatron's data-parallel group, or (DeepSpeed engine, every rank a
-    data-parallel replica; or no process group at all) None, the default group."""
-    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None

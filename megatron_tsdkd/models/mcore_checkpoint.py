@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tsdkd.models.errors import ModelError
+from megatron_tsdkd.models.run_folder import read_latest
 from megatron_tsdkd.runtime.atomic_files import write_text_atomic
 from megatron_tsdkd.runtime.collectives import barrier
 
@@ -46,29 +47,6 @@ def copy_hf_meta(src_dir: str, dst_dir: str) -> list[str]:
 
 def is_mcore_checkpoint(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "metadata.json"))
-
-
-LATEST_MARKER = "latest"   # in a run's checkpoint folder: the name of its newest COMPLETE checkpoint (both engines)
-
-
-def write_latest(root: str, name: str) -> None:
-    """Point a run's ``latest`` marker at its checkpoint ``name`` (the one writer of that marker; atomic). Call it
-    only once every rank's part of that checkpoint is on disk."""
-    write_text_atomic(os.path.join(root, LATEST_MARKER), name)
-
-
-def read_latest(root: str) -> Optional[str]:
-    """The checkpoint folder a training run's ``latest`` marker names (the one reader of that marker), or None
-    when ``root`` has no marker. ModelError when it names a folder that does not exist."""
-    marker = os.path.join(root, LATEST_MARKER)
-    if not os.path.isfile(marker):
-        return None
-    with open(marker) as f:
-        name = f.read().strip()
-    folder = os.path.join(root, name)
-    if not name or not os.path.isdir(folder):
-        raise ModelError(f"{marker} names {name!r}, which does not exist")
-    return folder
 
 
 def resolve_checkpoint(folder: str) -> str:

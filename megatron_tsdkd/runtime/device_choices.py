@@ -37,7 +37,7 @@ def auto_attention_backend(transformer_engine_available: Callable[[], bool]) -> 
 
 
 def device_memory_bytes() -> Optional[int]:
-    """This rank's accelerator memory, the memory plan's budget (training/memory_plan.py); None on CPU, where no
+    """This rank's accelerator memory, the memory plan's budget (planning/memory_plan.py); None on CPU, where no
     device memory bounds the layout (host memory is not what a GPU job plans for)."""
     if not _cuda():
         return None

@@ -14,10 +14,10 @@ How, and why this way rather than a watchdog thread polling ``os.getppid()``:
 * SIGKILL, not SIGTERM: a graceful save needs every rank (a collective), the agent that would report and reap the
   exit is gone, and a rank waiting on a dead peer would hang forever with nobody left to kill it. SIGKILL is safe for
   the checkpoints: a save in progress is left as ``step_N.partial`` (never picked up), ``latest`` still names the
-  previous complete checkpoint (training/checkpoint.py), and the next run resumes from there.
+  previous complete checkpoint (engines/checkpoint.py), and the next run resumes from there.
 * The kernel ties the death signal to the parent *thread* that forked us; torchrun starts its workers from its main
   thread, whose end is torchrun's end, so that caveat does not bite here. Our own children do not inherit it: the
-  process that writes an asynchronous checkpoint arms it for itself (training/checkpoint.py), so a killed trainer
+  process that writes an asynchronous checkpoint arms it for itself (engines/checkpoint.py), so a killed trainer
   does not leave it writing on (the file writers it forked finish the file in hand, into ``step_N.partial``).
 * A parent that dies between reading ``os.getppid()`` and the prctl call is caught by reading it again after
   arming. One that died earlier (while the worker was still importing, before the trainer arms this) cannot be told

@@ -7,7 +7,7 @@ process group (each worker is a session leader), a wait of ``--shutdown-timeout`
 cleanly. SIGUSR1 (Slurm's time-limit warning) it does not handle at all: it dies of it, orphaning its workers.
 
 Here SIGTERM, SIGINT and SIGUSR1 are recorded and passed on to each worker process, and torchrun keeps supervising:
-the trainer saves a checkpoint at the end of the current step and exits 0 (training/preemption.py), torchrun sees
+the trainer saves a checkpoint at the end of the current step and exits 0 (engines/preemption.py), torchrun sees
 every worker succeed and exits 0 too. Nothing here ever escalates to SIGKILL: Slurm's KillWait or the user does
 that, and a worker outliving this agent is ended by runtime/parent_watch.py. A worker still starting up (imports,
 model loading) gets the signal as soon as its handler is installed (read off ``SigCgt`` in /proc/<pid>/status), so

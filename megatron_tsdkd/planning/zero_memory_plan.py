@@ -1,6 +1,6 @@
-"""Per-GPU memory plan of an ``engine: deepspeed`` run (training/deepspeed_engine.py), before anything is allocated.
+"""Per-GPU memory plan of an ``engine: deepspeed`` run (engines/deepspeed/engine.py), before anything is allocated.
 
-The same table, rows and verdict as the megatron plan (training/memory_plan.py, whose activation formulas it reuses
+The same table, rows and verdict as the megatron plan (planning/memory_plan.py, whose activation formulas it reuses
 at TP=1), with DeepSpeed's model-state accounting. N is the student's parameter count (exact, from the mapping),
 L its largest single parameter block (a transformer layer or the embedding), d the data-parallel GPUs, e the bytes
 of the model dtype. Per GPU:
@@ -26,10 +26,10 @@ from typing import Optional
 
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec
-from megatron_tsdkd.training.memory_plan import (GIB, LOSS_CHUNK_COPIES, RUNTIME_RESERVE, MemoryPlan, PlanInputs,
-                                                 Row, layer_parameters, layer_saved_activations, stage_end_activations,
-                                                 stage_parameters, layer_working_set, total_parameters,
-                                                 vllm_replica_rows)
+from megatron_tsdkd.planning.memory_plan import (GIB, LOSS_CHUNK_COPIES, RUNTIME_RESERVE, MemoryPlan, PlanInputs, Row,
+                                                 layer_parameters, layer_saved_activations, layer_working_set,
+                                                 stage_end_activations, stage_parameters, suggest_layout,
+                                                 total_parameters, vllm_replica_rows)
 
 ZERO_OPTIMIZER_BYTES = 16       # fp32 master + Adam moments + fp32 gradient partition, per parameter (bf16/fp16)
 GATHERED_BLOCK_BYTES = 4        # ZeRO-3: the largest block's 16-bit weights and gradients, gathered
@@ -176,7 +176,6 @@ def zero_settings(cfg) -> ZeroSettings:
 
 def suggest_zero(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs, zero: ZeroSettings) -> str:
     """The first DeepSpeed setting that fits (ZeRO-3, then offload, then recompute), else the megatron engine."""
-    from megatron_tsdkd.training.memory_plan import suggest_layout
 
     candidates = [(ZeroSettings(3, zero.offload_optimizer, True), inputs.recompute),
                   (ZeroSettings(3, True, True), inputs.recompute), (ZeroSettings(3, True, True), "full")]

@@ -13,7 +13,7 @@ MIN_LOSS_SCALE = 2.0 ** -10   # fp16's dynamic loss scale never falls below this
 def build_optimizer(cfg: TrainConfig, model_chunks: list, params_dtype: torch.dtype):
     """megatron-core's optimizer over ``model_chunks`` (DDP-wrapped). fp16 gets megatron's dynamic loss scaler;
     the losses reach it only through ``config.grad_scale_func = optimizer.scale_loss`` on the schedule's model
-    config (training/build.py), which scales each micro-batch's loss before its backward. Without that the
+    config (engines/megatron/build.py), which scales each micro-batch's loss before its backward. Without that the
     scaler would divide gradients that were never multiplied, and the updates would vanish."""
     o = cfg.optimizer
     config = OptimizerConfig(
@@ -27,24 +27,6 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list, params_dtype: torch.dt
         hysteresis=o.loss_scale_hysteresis, min_loss_scale=MIN_LOSS_SCALE,
     )
     return get_megatron_optimizer(config, model_chunks)
-
-
-def unsupported_optimizer() -> str | None:
-    """Why this environment's megatron-core would build an optimizer whose state our checkpoints do not handle, or
-    None. megatron-core takes Transformer Engine's FusedAdam where TE imports, else Apex's, else torch's AdamW
-    (megatron/core/optimizer/__init__.py); the fused ones keep Adam's step per parameter group, not per parameter,
-    so ``adam_step`` / ``set_adam_step`` / ``materialise_optimizer_state`` below would save 0 and restore nothing:
-    a resumed run would restart Adam's bias correction. Only torch's AdamW is tested (no GPU check has run TE), so
-    the job refuses the others before start (training/inputs.py)."""
-    import megatron.core.optimizer as megatron_optimizer
-
-    if getattr(megatron_optimizer, "USING_PYTORCH_OPTIMIZER", True):
-        return None
-    chosen = megatron_optimizer.Adam
-    return (f"optimizer: megatron-core would build {chosen.__module__}.{chosen.__name__} (Transformer Engine or Apex "
-            f"is installed), whose Adam state this project's checkpoints do not handle (training/optim.py: a resumed "
-            f"run would lose Adam's step count); train in an environment without them (pip uninstall "
-            f"transformer-engine apex), as `pip install -e .` sets it up")
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:

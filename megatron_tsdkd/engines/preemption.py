@@ -32,7 +32,7 @@ def job_signals_deferred():
     asynchronous save's writing process outlives the block and forks its file writers later); the trainer receives
     it right after the block.
     (A ``spawn``-ed helper would NOT be protected: multiprocessing's resource tracker, started by the first spawn,
-    unblocks SIGINT/SIGTERM in the calling thread. training/checkpoint.py therefore keeps every save free of
+    unblocks SIGINT/SIGTERM in the calling thread. engines/checkpoint.py therefore keeps every save free of
     spawned helpers.)"""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
     try:

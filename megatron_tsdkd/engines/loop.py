@@ -1,9 +1,8 @@
-"""The outer training loop both engines share (training/trainer.py, training/deepspeed_engine.py): resume, the
-start-up summary, the steps and their metrics, periodic saves, the save a preemption signal asks for, the final
-save. One place for the rules a user relies on: a requeued job resumes where it stopped, a signal costs at most the
+"""The outer training loop (engines/trainer.py runs it for both engines): resume, the start-up summary, the steps and
+their metrics, periodic saves, the save a preemption signal asks for, the final save. One place for the rules a user relies on: a requeued job resumes where it stopped, a signal costs at most the
 step in flight, a finished job that is requeued saves nothing new, and no checkpoint write is left unfinished when
 the loop returns (an asynchronous write is finalised after the step it ends in, before the next save, after the save
-a signal asks for, and at the end: training/checkpoint.py).
+a signal asks for, and at the end: engines/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_tsdkd.training.metrics import MetricsLogger, log_startup_summary
+from megatron_tsdkd.engines.metrics import MetricsLogger
 
 log = logging.getLogger("megatron_tsdkd.train")
 
@@ -25,8 +24,17 @@ class StepResult:
 
 
 @dataclass
+class Update:
+    """What an engine's optimizer step did."""
+    applied: bool                                 # False: fp16 found an overflow and skipped the update
+    grad_norm: Optional[float]                    # before clipping (None when not measured)
+    lr: float                                     # the learning rate this step applied
+    loss_scale: object = 1.0                      # fp16's dynamic loss scale (a number or a device scalar), else 1
+
+
+@dataclass
 class Rollout:
-    """A step's training pairs, as an engine's rollout gives them."""
+    """A step's training pairs, as the rollout gives them."""
     pairs: list                                   # (prompt ids, response ids)
     on_policy: bool                               # sampled by the student (else the data set's responses)
     seconds: float = 0.0                          # the sampling, the weight sync included
@@ -35,18 +43,10 @@ class Rollout:
 
 
 class TrainingLoop:
-    """Mixin. The engine provides ``cfg``, ``parts`` (inputs, memory_plan, total_steps, num_microbatches),
-    ``total_steps``, ``step``, ``preemption`` (a PreemptionFlag), ``stopped_by_signal`` and ``maybe_resume()``,
-    ``train_step() -> StepResult``, ``save_checkpoint() -> str`` and, if its saves may still be writing when they
-    return, ``finalize_checkpoint(blocking)``."""
-
-    def finalize_checkpoint(self, blocking: bool) -> None:
-        """Collective: publish a checkpoint write that has ended (``blocking``: wait for it). Engines whose
-        ``save_checkpoint`` returns a finished checkpoint have nothing to do."""
-
-    def log_summary(self) -> None:
-        """Rank 0: layout, memory plan, steps, data, config (an engine may add its own lines)."""
-        log_startup_summary(self.cfg, self.parts, start_step=self.step)
+    """Mixin. The trainer provides ``cfg``, ``total_steps``, ``step``, ``preemption`` (a PreemptionFlag),
+    ``stopped_by_signal``, ``maybe_resume()``, ``log_summary()``, ``train_step() -> StepResult``,
+    ``save_checkpoint() -> str`` and ``finalize_checkpoint(blocking)`` (publish a write that has ended; wait for
+    it when ``blocking``)."""
 
     def train(self, stop_after: Optional[int] = None, summary: bool = True) -> list[StepResult]:
         """Run to the last step. ``stop_after`` ends the loop after that step WITHOUT saving, as if the job were

@@ -53,55 +53,14 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 
 from megatron_tsdkd.models import HF_META_DIR, ModelError, copy_hf_meta
-from megatron_tsdkd.models.mcore_checkpoint import read_latest, write_latest
+from megatron_tsdkd.models.run_folder import (CheckpointError, latest_checkpoint, prune, step_dir_name, verify,
+                                               write_latest, write_manifest)
 from megatron_tsdkd.runtime.atomic_files import write_atomic, write_text_atomic
 from megatron_tsdkd.runtime.collectives import barrier
 from megatron_tsdkd.runtime.parent_watch import end_with_parent
-from megatron_tsdkd.training.preemption import job_signals_deferred
+from megatron_tsdkd.engines.preemption import job_signals_deferred
 
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
-MANIFEST = "manifest.json"
 HOLD_SAVE_ENV = "TSDKD_TEST_HOLD_SAVE"   # tests only: "<step>:<folder>", see _held_for_test
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder and the reason."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def _write_manifest(folder: str) -> None:
-    sizes = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(sizes, indent=1, sort_keys=True))
-
-
-def verify(folder: str) -> None:
-    """Raise CheckpointError unless every file the manifest lists is present with its recorded size."""
-    manifest = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest):
-        raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST}; it was probably interrupted)")
-    with open(manifest) as f:
-        sizes = json.load(f)
-    for rel, size in sizes.items():
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{folder}: file {rel} is missing")
-        found = os.path.getsize(path)
-        if found != size:
-            raise CheckpointError(f"{folder}: file {rel} is truncated or altered ({found} bytes, expected {size})")
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    try:
-        return read_latest(root)
-    except ModelError as error:
-        raise CheckpointError(str(error)) from None
 
 
 class CheckpointWriter:
@@ -130,7 +89,7 @@ class CheckpointWriter:
         _WRITE_RESULTS.install(partial)
         with job_signals_deferred(), _held_for_test(step):
             request = dist_checkpointing.save(sharded_state, partial, self.strategy, async_sharded_save=True)
-            request.add_finalize_fn(functools.partial(self._publish, partial, final, hf_meta_src, dict(files or {})))
+            request.add_finalize_fn(functools.partial(self.publish, partial, final, hf_meta_src, dict(files or {})))
             if self.async_save:
                 self.in_flight.schedule_async_request(_ending_with_trainer(request))
             else:
@@ -146,7 +105,7 @@ class CheckpointWriter:
     def load(self, folder: str, sharded_state: dict) -> dict:
         return load(folder, sharded_state, self.group)
 
-    def _publish(self, partial: str, final: str, hf_meta_src: Optional[str], files: dict[str, str]) -> None:
+    def publish(self, partial: str, final: str, hf_meta_src: Optional[str], files: dict[str, str]) -> None:
         """The last finalisation step, after megatron-core's metadata: every rank's files are on disk."""
         _WRITE_RESULTS.install(None)
         if dist.get_rank() == 0:
@@ -154,12 +113,12 @@ class CheckpointWriter:
                 copy_hf_meta(hf_meta_src, os.path.join(partial, HF_META_DIR))
             for name, text in files.items():
                 write_text_atomic(os.path.join(partial, name), text)
-            _write_manifest(partial)
+            write_manifest(partial)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
             write_latest(self.root, os.path.basename(final))
-            _prune(self.root, self.keep_last)
+            prune(self.root, self.keep_last)
         barrier()
 
 
@@ -261,12 +220,6 @@ class _held_for_test:
 
             FileSystemWriterAsync.write_preloaded_data = self.original
         return False
-
-
-def _prune(root: str, keep_last: int) -> None:
-    steps = sorted(int(m.group(1)) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
-    for step in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(root, step_dir_name(step)), ignore_errors=True)
 
 
 def load(folder: str, sharded_state: dict, group=None) -> dict:

@@ -25,7 +25,7 @@ from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
 from megatron_tsdkd.models.mapping import stage_layouts
 from megatron_tsdkd.models.token_spec import shared_padded_vocab
-from megatron_tsdkd.training.host_memory_plan import HostPlan, NodeFacts, host_plan
+from megatron_tsdkd.planning.host_memory_plan import HostPlan
 
 GIB = 1024**3
 GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
@@ -352,10 +352,11 @@ def check_vllm_share(student: ArchSpec, i: PlanInputs) -> Optional[str]:
 
 
 def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = None,
-                       micro_batch: Optional[int] = None) -> PlanInputs:
+                       micro_batch: Optional[int] = None, vllm: Optional[bool] = None) -> PlanInputs:
     """The plan of a validated TrainConfig (its method's facts resolved: lambda is 0 for off-policy methods). On GPU
     ``models.attention=auto`` is a fused kernel (TE or SDPA), so only ``local`` keeps attention scores.
-    ``micro_batch``: the size to plan when ``batch.micro_size`` is auto (else the config's)."""
+    ``micro_batch``: the size to plan when ``batch.micro_size`` is auto (else the config's); ``vllm``: whether a
+    replica samples, as the run plan resolved it (None: from the config, auto counting one)."""
     r = cfg.rollout
     return PlanInputs(
         tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, world_size=world_size,
@@ -364,7 +365,7 @@ def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = N
         dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         recompute=cfg.models.recompute, attention_scores=cfg.models.attention == "local",
         rollout=r.on_policy_prob > 0, rollout_len=cfg.data.max_prompt_length + r.max_new_tokens,
-        vllm_memory_fraction=r.vllm_memory_fraction if _plans_vllm(cfg) else 0.0,
+        vllm_memory_fraction=r.vllm_memory_fraction if (_plans_vllm(cfg) if vllm is None else vllm) else 0.0,
         weight_sync_bucket_bytes=r.weight_sync_bucket_mb << 20,
         chunk_size=cfg.method.chunk_size,
         gpu_memory_gib=cfg.memory.gpu_memory_gib if gpu_memory_gib is None else gpu_memory_gib,
@@ -417,84 +418,8 @@ def suggest_layout(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanI
     return "no tensor/pipeline layout up to 512 GPUs fits; shorten data.max_length or use GPUs with more memory"
 
 
-def micro_batch_candidates(cfg, world_size: int) -> list[int]:
-    """``batch.micro_size=auto``: the sizes it may take, largest first: those that divide a data-parallel rank's
-    share of the global batch (with sequence ranking, multiples of ``rollout.num_samples``, whose candidates share
-    a micro-batch)."""
-    per_rank = cfg.batch.global_size // max(1, world_size // (cfg.parallel.tensor * cfg.parallel.pipeline))
-    step = cfg.rollout.num_samples if getattr(cfg.method, "indirect_level", "token") == "sequence" else 1
-    return [b for b in range(per_rank, 0, -1) if per_rank % b == 0 and b % step == 0] or [1]
-
-
-def plan_for_config(cfg, world_size: int, student: ArchSpec, teacher: Optional[ArchSpec] = None,
-                    gpu_memory_gib: Optional[float] = None,
-                    node: Optional[NodeFacts] = None) -> tuple[MemoryPlan, str]:
-    """The plan of a config for its engine (megatron: this module; deepspeed: training/zero_memory_plan.py), with
-    the host plan of ``node`` where it is known, and the suggestion to print when the device plan does not fit
-    ("" when it does). With ``batch.micro_size=auto`` the plan of the largest micro-batch that fits (device and
-    host), else of the smallest candidate; ``plan.inputs.micro_batch`` says which."""
-    if cfg.batch.micro_size != "auto":
-        return _plan_for(cfg, world_size, student, teacher, gpu_memory_gib, node, None)
-    for size in micro_batch_candidates(cfg, world_size):
-        plan, suggestion = _plan_for(cfg, world_size, student, teacher, gpu_memory_gib, node, size)
-        if plan.fits and (plan.host is None or plan.host.fits):
-            break
-    return plan, suggestion
-
-
-def _plan_for(cfg, world_size, student, teacher, gpu_memory_gib, node, micro_batch) -> tuple[MemoryPlan, str]:
-    inputs = inputs_from_config(cfg, world_size, gpu_memory_gib, micro_batch)
-    load_bytes, offloaded = None, 0
-    if cfg.engine == "deepspeed":
-        from megatron_tsdkd.training.zero_memory_plan import (plan_zero_memory, suggest_zero, zero_host_load_bytes,
-                                                              zero_host_state_bytes, zero_settings)
-
-        zero = zero_settings(cfg)
-        plan = plan_zero_memory(student, teacher, inputs, zero)
-        suggestion = "" if plan.fits else suggest_zero(student, teacher, inputs, zero)
-        load_bytes = zero_host_load_bytes(student, teacher, inputs, zero)
-        offloaded = zero_host_state_bytes(student, inputs, zero)
-    else:
-        plan = plan_memory(student, teacher, inputs)
-        suggestion = "" if plan.fits else suggest_layout(student, teacher, inputs)
-    if node is not None:
-        plan.host = host_plan(
-            plan.rows, node, student=student, student_parameters=total_parameters(student), dtype=inputs.dtype,
-            padded_vocab=plan.padded_vocab, tp=inputs.tp, vllm=bool(inputs.vllm_memory_fraction),
-            rollout_rows=max(1, inputs.global_batch // inputs.dp), rollout_len=inputs.rollout_len,
-            async_save=cfg.checkpoint.async_save and cfg.engine == "megatron", load_bytes=load_bytes,
-            offloaded_bytes=offloaded)
-    return plan, suggestion
-
-
-def check_memory_plan(cfg, world_size: int, student_config, teacher_config=None,
-                      gpu_memory_bytes: Optional[int] = None, node: Optional[NodeFacts] = None) -> MemoryPlan:
-    """The trainer's gate, before any model is built: raise MemoryPlanError (table + suggestion) when the layout
-    cannot fit, on the GPU or in the host memory of ``node``, and ``memory.enforce`` is true; return the plan
-    otherwise. ``gpu_memory_bytes`` is the device's real size on GPU (else ``memory.gpu_memory_gib``)."""
-    student = _as_spec(student_config)
-    teacher = _as_spec(teacher_config) if teacher_config is not None else None
-    gib = gpu_memory_bytes / GIB if gpu_memory_bytes else None
-    plan, suggestion = plan_for_config(cfg, world_size, student, teacher, gib, node)
-    too_small = check_vllm_share(student, plan.inputs)
-    if too_small and cfg.memory.enforce:
-        raise MemoryPlanError(too_small)
-    if not plan.fits and cfg.memory.enforce:
-        raise MemoryPlanError(
-            f"parallel layout: the planned memory per GPU exceeds {plan.inputs.gpu_memory_gib:.0f} GiB; "
-            f"{suggestion}, or set memory.enforce=false to try anyway.\n{plan.table()}")
-    host = plan.host
-    if host is not None and not host.fits and cfg.memory.enforce:
-        raise MemoryPlanError(
-            f"host memory: {host.ranks} rank{'s' if host.ranks != 1 else ''} on this node need "
-            f"{host.total / GIB:.1f} GiB "
-            f"({host.per_rank / GIB:.1f} GiB each) but {host.available / GIB:.1f} GiB is available ({host.source}); "
-            f"try {host.advice(plan.inputs.dtype, bool(plan.inputs.vllm_memory_fraction), cfg.engine)}, "
-            f"or set memory.enforce=false to try anyway.\n{plan.table()}")
-    return plan
-
-
-def _as_spec(config) -> ArchSpec:
+def as_spec(config) -> ArchSpec:
+    """An ArchSpec from an ArchSpec or a transformers config."""
     return config if isinstance(config, ArchSpec) else arch_spec(config)
 
 

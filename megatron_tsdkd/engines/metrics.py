@@ -25,7 +25,6 @@ DEBUG level; ``tsdkd-train --print-config`` prints it, and every checkpoint hold
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -36,9 +35,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_tsdkd.config import default_config, to_dict
+from megatron_tsdkd.planning.run_config import flat_config
 from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_values
 from megatron_tsdkd.runtime.device_choices import device_kind
-from megatron_tsdkd.training.run_config import flat_config
 
 log = logging.getLogger("megatron_tsdkd.train")
 GIB = 1024**3
@@ -69,6 +69,43 @@ def reduce_to_rank0(local: Optional[Mapping[str, Union[float, torch.Tensor]]],
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def step_metrics(method, reported: Optional[list], rollout, update, phases: Mapping[str, float], drift: dict,
+                 diagnosed: bool, dp: int) -> Optional[dict[str, float]]:
+    """Collective: one logged step's metrics on global rank 0 (None elsewhere). ``reported``: this rank's
+    micro-batch values (engines/trainer.py ``micro_batch_loss``) where the losses ran, None on the other ranks;
+    ``phases``: seconds per phase (``time/<name>``), known on every rank like the rest of the step's values. Loss
+    terms are token-weighted sums divided by the step's tokens: per-token means of the whole step; diagnostics are
+    means over micro-batches, then (reduce_to_rank0) over data-parallel ranks."""
+    pairs = rollout.pairs
+    step_values = {f"time/{name}": value for name, value in phases.items()}
+    step_values.update({
+        "rollout/on_policy": float(rollout.on_policy),
+        "rollout/response_length": sum(len(r) for _, r in pairs) / len(pairs),
+        "optim/lr": update.lr, "optim/grad_norm": float(update.grad_norm) if update.grad_norm is not None else 0.0,
+        "optim/update_skipped": 0.0 if update.applied else 1.0,
+        "optim/loss_scale": update.loss_scale,   # fp16's dynamic scale, 1 otherwise (may be a device scalar)
+        "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(phases.get("step", 0.0), 1e-9),
+    })
+    step_values.update(drift)   # the rollout guard's figures (on-policy steps)
+    loss_names = ("total",) + method.logs
+    sums = [f"loss/{k}" for k in loss_names] + ["tokens/response"]
+    diagnostics = list(method.diagnostics) if diagnosed else []
+    local = None
+    if reported is not None:   # device scalars, read back on rank 0 only, after the collectives
+        weighted = torch.stack([r["weighted"] for r in reported]).sum(0)
+        tokens = torch.stack([r["tokens"] for r in reported]).sum()
+        local = dict(zip(sums, [*weighted.unbind(), tokens]))
+        if diagnostics:
+            local.update(zip(diagnostics, torch.stack([r["diagnostics"] for r in reported]).mean(0).unbind()))
+        local.update(step_values)
+    metrics = reduce_to_rank0(local, sums + diagnostics + list(step_values))   # one packed tensor, DP means
+    if metrics is not None:   # weighted sums / tokens: the per-token means of the whole step
+        for name in loss_names:
+            metrics[f"loss/{name}"] /= max(metrics["tokens/response"], 1.0)
+        metrics["tokens/response"] *= dp   # the step's total
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +146,7 @@ def step_line(step: int, total: int, eta_seconds: Optional[float], metrics: dict
     if "optim/grad_norm" in metrics:
         parts.append(f"grad norm {metrics['optim/grad_norm']:.4g}"
                      + (" (update skipped)" if metrics.get("optim/update_skipped") else ""))
-    if "rollout/logprob_diff" in metrics:   # the rollout guard's figure (training/rollout_guard.py)
+    if "rollout/logprob_diff" in metrics:   # the rollout guard's figure (engines/rollout_guard.py)
         parts.append(f"rollout logprob diff {metrics['rollout/logprob_diff']:.2g}")
     parts.append(memory)
     names = [n for n in PHASE_ORDER if n in metrics] + sorted(
@@ -234,13 +271,7 @@ def log_scalars(log_dir: str, step: int, values: dict[str, float]) -> None:
 def changed_settings(cfg) -> dict[str, dict[str, object]]:
     """The resolved config's keys whose values differ from the defaults (the method's own defaults for
     ``method.*``, lambda's default for that method), grouped by section: ``{"batch": {"global_size": 32}}``."""
-    from megatron_tsdkd.config import TrainConfig, to_dict
-    from megatron_tsdkd.methods import method_class
-
-    method = method_class(cfg.method.name)
-    defaults = TrainConfig(method=method.Config())
-    defaults.rollout = dataclasses.replace(defaults.rollout, on_policy_prob=method.default_on_policy_prob())
-    base, current = flat_config(to_dict(defaults)), flat_config(to_dict(cfg))
+    base, current = flat_config(to_dict(default_config(cfg.method.name))), flat_config(to_dict(cfg))
     grouped: dict[str, dict[str, object]] = {}
     for key, value in current.items():
         if key not in base or base[key] != value:
@@ -249,28 +280,30 @@ def changed_settings(cfg) -> dict[str, dict[str, object]]:
     return grouped
 
 
-def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num_microbatches: int,
-                    start_step: int = 0) -> list[str]:
-    """The lines logged before the first step (and printed by ``tsdkd-train --dry-run``)."""
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    dp = world_size // (tp * pp)
-    b = cfg.batch
+def startup_summary(cfg, inputs, plan, start_step: int = 0) -> list[str]:
+    """The lines logged before the first step (and printed by ``tsdkd-train --dry-run``): ``plan`` is the run plan
+    (planning/run_plan.py), ``inputs`` the checked inputs."""
+    lay, b = plan.layout, cfg.batch
     teacher = cfg.models.teacher.path if inputs is None or inputs.teacher is not None else ""
+    micro = plan.micro_batches
     lines = [
         f"run: method {cfg.method.name}, student {cfg.models.student.path}"
         + (f", teacher {teacher}" if teacher else ", no teacher")
-        + f", {cfg.precision.dtype}, on-policy probability {cfg.rollout.on_policy_prob:g}"
-        + (f", rollouts on {_rollout_engine_words(cfg)}" if cfg.rollout.on_policy_prob else "")
+        + f", {cfg.precision.dtype}, on-policy probability {plan.on_policy_prob:g}"
+        + (f", rollouts on {_rollout_words(cfg, plan)}" if plan.rollout_backend else "")
         + f", on {device_kind()}",
-        f"layout: TP={tp} PP={pp} DP={dp}, world size {world_size}; {num_microbatches} micro-batch"
-        f"{'es' if num_microbatches != 1 else ''} of {b.micro_size} sequences per step on each data-parallel rank "
-        f"(global batch {b.global_size})",
-        f"memory plan {plan.verdict()}" if plan is not None else "memory plan: none",
+        f"layout: TP={lay.tensor} PP={lay.pipeline} DP={lay.data_parallel}, world size {lay.world_size}; {micro} "
+        f"micro-batch{'es' if micro != 1 else ''} of {plan.micro_size} sequences per step on each data-parallel "
+        f"rank (global batch {b.global_size})",
+        f"memory plan {plan.memory.verdict()}",
     ]
+    if plan.memory.host is not None:
+        lines.append(f"memory plan {plan.memory.host.verdict()}")
+    total = plan.total_steps
     if start_step:
-        lines.append(f"steps: resuming at step {start_step} of {total_steps} ({total_steps - start_step} to go)")
+        lines.append(f"steps: resuming at step {start_step} of {total} ({total - start_step} to go)")
     else:
-        lines.append(f"steps: {total_steps} from the start")
+        lines.append(f"steps: {total} from the start")
     lines[-1] += (f"; checkpoints every {cfg.checkpoint.interval} steps" if cfg.checkpoint.interval
                   else "; a checkpoint at the end") + f" in {cfg.checkpoint.dir}"
     if inputs is not None:
@@ -279,30 +312,29 @@ def startup_summary(cfg, inputs, plan, *, world_size: int, total_steps: int, num
             data += f"; eval: {len(inputs.eval_examples)} problems from {cfg.data.eval}"
         lines.append(data)
     lines.append("config (keys that differ from the defaults; tsdkd-train --print-config shows all):")
-    for section, values in changed_settings(cfg).items():
+    for section, values in changed_settings(plan.resolved_config(cfg)).items():
         text = " ".join(f"{k}={v}" for k, v in values.items())
         lines.append(f"  {section}: {text}" if section else f"  {text}")
     return lines
 
 
-def _rollout_engine_words(cfg) -> str:
-    """Which engine samples (rollout.engine as training/inputs.py resolved it)."""
-    if cfg.rollout.engine == "vllm":
-        return f"vLLM (a TP=1 replica per rank, GPU share {cfg.rollout.vllm_memory_fraction:g}, weights synced " \
-               f"after each optimizer step)"
-    return f"megatron (KV-cached decode at TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline})" \
-        if cfg.engine == "megatron" else "transformers' generate"
+def _rollout_words(cfg, plan) -> str:
+    """Who samples (the run plan's rollout backend)."""
+    return {"vllm": f"vLLM (a TP=1 replica per rank, GPU share {cfg.rollout.vllm_memory_fraction:g}, weights synced "
+                    f"after each optimizer step)",
+            "megatron": f"megatron (KV-cached decode at TP={plan.layout.tensor} PP={plan.layout.pipeline})",
+            "co-generation": f"megatron (student and teacher co-generate at TP={plan.layout.tensor} "
+                             f"PP={plan.layout.pipeline})",
+            "hf": "transformers' generate"}[plan.rollout_backend]
 
 
-def log_startup_summary(cfg, parts, start_step: int) -> None:
+def log_startup_summary(cfg, inputs, plan, start_step: int) -> None:
     """The trainer's start-up summary on global rank 0 (INFO), with the full resolved config at DEBUG."""
     if _rank() != 0:
         return
-    for line in startup_summary(cfg, parts.inputs, parts.memory_plan, world_size=dist.get_world_size(),
-                                total_steps=parts.total_steps, num_microbatches=parts.num_microbatches,
-                                start_step=start_step):
+    for line in startup_summary(cfg, inputs, plan, start_step=start_step):
         log.info("%s", line)
     if log.isEnabledFor(logging.DEBUG):
-        from megatron_tsdkd.training.run_config import config_yaml
+        from megatron_tsdkd.planning.run_config import config_yaml
 
         log.debug("resolved config:\n%s", config_yaml(cfg))

@@ -31,7 +31,6 @@ class RunInputs:
     tokens: TokenSpec
     train: ChatDataset
     eval_examples: tuple[TokenizedExample, ...] = ()
-    memory_plan: object = None              # the planner's verdict for the world the launcher started
 
 
 def tokenizer_difference(a, b) -> Optional[str]:
@@ -86,13 +85,25 @@ def _kpod_dataset(train: ChatDataset, cfg: TrainConfig) -> ChatDataset:
         raise PreflightError(f"method.prepared_dir: {error}") from None
 
 
+def _hf_folders_only(student: ModelSource, teacher: Optional[ModelSource]) -> None:
+    """engine=deepspeed trains transformers models: a megatron-core checkpoint source must be exported first."""
+    for key, source in (("models.student.path", student), ("models.teacher.path", teacher)):
+        if source is not None and source.format != "hf":
+            raise PreflightError(f"{key}: {source.path} is a megatron-core checkpoint; engine=deepspeed loads Hugging "
+                                 f"Face folders only: export it first (tsdkd-convert mcore-to-hf --mcore "
+                                 f"{source.path} --out <folder>) or use engine=megatron")
+
+
 def check_inputs(cfg: TrainConfig) -> RunInputs:
+    """Read and check every input of ``cfg`` (it is not changed): model sources, tokenizer, token spec, data."""
     from megatron_tsdkd.methods import method_class
 
     student = _source("models.student.path", cfg.models.student, cfg)
     teacher = None
     if method_class(cfg.method.name).needs_teacher:
         teacher = _source("models.teacher.path", cfg.models.teacher, cfg)
+    if cfg.engine == "deepspeed":
+        _hf_folders_only(student, teacher)
     try:
         tokenizer = load_tokenizer(cfg.models.tokenizer or student.meta_dir)
         chat = ChatTemplateTokenizer(tokenizer)
@@ -118,70 +129,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     unanswered = next((e.source for e in eval_examples if e.answer is None), None)
     if unanswered:
         raise PreflightError(f"data.eval: {unanswered} has no \"answer\"; every evaluation problem needs one")
-    _check_world(cfg)
-    _check_optimizer(cfg)
-    _resolve_rollout_engine(cfg, student)   # before the memory plan, which counts a vLLM replica's share
-    plan = _memory_plan(cfg, student, teacher)
-    _resolve_micro_size(cfg, plan)          # before the resume check, which compares the sizes a run used
-    _check_resume(cfg)
-    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples), plan)
-
-
-def _check_optimizer(cfg: TrainConfig) -> None:
-    """The megatron engine's optimizer must be one our checkpoints handle (training/optim.py)."""
-    if cfg.engine == "megatron":
-        from megatron_tsdkd.training.optim import unsupported_optimizer
-
-        reason = unsupported_optimizer()
-        if reason:
-            raise PreflightError(reason)
-
-
-def _resolve_micro_size(cfg: TrainConfig, plan) -> None:
-    """``batch.micro_size=auto`` as the memory plan chose it (the largest that fits), written back into ``cfg``."""
-    import dataclasses
-    import logging
-
-    if cfg.batch.micro_size == "auto":
-        cfg.batch = dataclasses.replace(cfg.batch, micro_size=plan.inputs.micro_batch)
-        if os.environ.get("RANK", "0") == "0":
-            logging.getLogger("megatron_tsdkd.train").info(
-                "batch.micro_size=auto: %d, the largest micro-batch the memory plan fits (%s)",
-                plan.inputs.micro_batch, plan.verdict().removeprefix("verdict: "))
-
-
-def _resolve_rollout_engine(cfg: TrainConfig, student: ModelSource) -> None:
-    """``rollout.engine`` as this run will use it, written back into ``cfg`` (the summary and the saved config show
-    it): ``auto`` becomes vllm where vLLM is installed and serves the student, else megatron; ``vllm`` that cannot
-    serve the student stops here. Runs that never sample, and co-generation methods, decode with megatron."""
-    import dataclasses
-
-    from megatron_tsdkd.methods import method_class
-
-    r = cfg.rollout
-    if r.engine == "megatron" or not r.on_policy_prob or method_class(cfg.method.name).co_generation:
-        engine = "megatron"
-    else:
-        from megatron_tsdkd.generation.vllm_replica import unsupported_reason
-
-        reason = unsupported_reason(student.hf_config)
-        if reason and r.engine == "vllm":
-            raise PreflightError(f"rollout.engine: vllm cannot sample the student {student.path}: {reason}; "
-                                 f"set rollout.engine=megatron (or auto)")
-        engine = "megatron" if reason else "vllm"
-    cfg.rollout = dataclasses.replace(r, engine=engine)
-
-
-def _memory_plan(cfg: TrainConfig, student: ModelSource, teacher: Optional[ModelSource]):
-    """Refuses (MemoryPlanError: a sentence, then the table) a layout that cannot fit, before anything starts."""
-    from megatron_tsdkd.runtime.device_choices import device_memory_bytes
-    from megatron_tsdkd.training.host_memory_plan import node_facts
-    from megatron_tsdkd.training.memory_plan import check_memory_plan
-
-    device_bytes = device_memory_bytes()   # None: a CPU run, whose models live in host memory
-    node = node_facts(launcher_ranks_per_node(), device_bytes is None, cfg.memory.host_memory_gib)
-    return check_memory_plan(cfg, launcher_world_size(), student.hf_config,
-                             teacher.hf_config if teacher is not None else None, device_bytes, node)
+    return RunInputs(student, teacher, chat, tokens, train, tuple(eval_examples))
 
 
 def launcher_world_size() -> int:
@@ -194,19 +142,6 @@ def launcher_ranks_per_node() -> int:
     else the whole world: one node)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
                or launcher_world_size())
-
-
-def _check_world(cfg: TrainConfig) -> None:
-    world, model_parallel = launcher_world_size(), cfg.parallel.tensor * cfg.parallel.pipeline
-    if world % model_parallel:
-        raise PreflightError(f"parallel: tensor x pipeline = {cfg.parallel.tensor} x {cfg.parallel.pipeline} = "
-                             f"{model_parallel} does not divide the {world} processes started (start a multiple of "
-                             f"{model_parallel}, e.g. torchrun --nproc-per-node {model_parallel})")
-    data_parallel = world // model_parallel
-    micro = 1 if cfg.batch.micro_size == "auto" else cfg.batch.micro_size   # auto: a divisor (memory_plan.py)
-    if cfg.batch.global_size % (data_parallel * micro):
-        raise PreflightError(f"batch.global_size: {cfg.batch.global_size} is not a multiple of data-parallel size "
-                             f"{data_parallel} x batch.micro_size {cfg.batch.micro_size}")
 
 
 def _usable_folder(key: str, path: str) -> None:
@@ -232,45 +167,3 @@ def _check_outputs(cfg: TrainConfig) -> None:
     if export and os.path.isdir(export) and os.listdir(export) and not written_by_export(export):
         raise PreflightError(f"checkpoint.export_hf: {export} is not empty and holds no earlier export; remove it "
                              f"or choose another folder")
-
-
-def _check_resume(cfg: TrainConfig) -> None:
-    """A resumed run whose config changed what decides the numbers stops here, naming the keys."""
-    import logging
-
-    from megatron_tsdkd.training.checkpoint import CheckpointError, latest_checkpoint
-    from megatron_tsdkd.training.run_config import CONFIG_FILE, config_changes, describe, stored_config
-
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        return
-    try:
-        folder = latest_checkpoint(cfg.checkpoint.dir) if resume == "auto" else resume
-    except CheckpointError as error:
-        raise PreflightError(f"checkpoint.dir: {error}") from None
-    if folder is None:
-        return
-    if not os.path.isdir(folder):
-        raise PreflightError(f"checkpoint.resume: {folder} is not a folder")
-    stored = stored_config(folder)
-    log = logging.getLogger("megatron_tsdkd.train")
-    if os.environ.get("RANK", "0") != "0":   # every process checks; one says so
-        log = logging.getLogger("megatron_tsdkd.train.quiet")
-        log.disabled = True
-    if stored is None:
-        log.warning("resuming from %s, which holds no %s: the config cannot be compared", folder, CONFIG_FILE)
-        return
-    from megatron_tsdkd.config import to_dict
-
-    current = to_dict(cfg)
-    breaking, harmless = config_changes(stored, current)
-    if breaking and not cfg.checkpoint.allow_config_changes:
-        raise PreflightError(f"checkpoint.resume: {folder} was trained with other settings, so resuming would not "
-                             f"continue that run exactly: {describe(breaking, stored, current)}; restore them, or "
-                             f"set checkpoint.allow_config_changes=true to continue with the new values")
-    if breaking:
-        log.warning("resuming %s with changed settings (checkpoint.allow_config_changes): %s", folder,
-                    describe(breaking, stored, current))
-    if harmless:
-        log.warning("resuming %s; changed settings that do not affect the numbers: %s", folder,
-                    describe(harmless, stored, current))
