@@ -37,7 +37,7 @@ setup(
         "numpy>=1.26",
         "datasets>=2.19",          # data.train / data.eval as parquet, Arrow or save_to_disk folders (local files only)
         "pyarrow>=15",
-        "psutil>=5.9",             # the host memory plan's view of the node (training/host_memory_plan.py)
+        "psutil>=5.9",             # the host memory plan's view of the node (planning/host_memory_plan.py)
         "accelerate>=1.0",         # transformers' HfDeepSpeedConfig: ZeRO-3 models load partitioned (DeepSpeed engine)
         "lm-eval[math,ifeval]>=0.4.13,<0.5",   # tsdkd-eval --tasks (math: minerva_math scoring; ifeval: its checks)
     ],

@@ -23,7 +23,7 @@
 #   - torchrun is started through megatron_tsdkd/runtime/torchrun.py, which passes them on to each worker instead of
 #     torchrun's own shutdown (os.killpg of every worker's process group, SIGKILL 30 s later, exit 1) and keeps
 #     supervising; until its handlers are installed it ignores them, so it cannot die of one while importing;
-#   - the workers: training/preemption.py records the signal, training/checkpoint.py writes with no helper process
+#   - the workers: engines/preemption.py records the signal, engines/checkpoint.py writes with no helper process
 #     a signal could kill, and runtime/parent_watch.py kills a worker whose torchrun is gone (kill -9), so nothing
 #     trains on unsupervised;
 #   - the node log's tee ignores them, so the workers' last lines are not lost to a broken pipe.
