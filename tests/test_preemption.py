@@ -42,7 +42,9 @@ def fast_overrides(ckpt, tb, *extra) -> list[str]:
 
 
 def run_env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+    """The launches' environment. The launcher's per-node check (tsdkd-doctor, ~4 s a node) is off: these tests are
+    about signals and resumes, and tests/test_doctor.py runs the launcher with it."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TSDKD_DOCTOR": "0", **extra}
 
 
 def torchrun_argv(ckpt, tb, *extra) -> list[str]:

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional
 
+from megatron_tsdkd.checks import require
+
 Mode = Literal["off_policy", "on_policy"]
 MODES = ("off_policy", "on_policy")
 ROLES = ("system", "user", "assistant", "tool")
@@ -35,8 +37,6 @@ class Fields:
     messages: str = "messages"          # a chat: [{"role", "content"}, ...], the last assistant turn the response
 
     def __post_init__(self):
-        from megatron_tsdkd.checks import require
-
         for name in ("response", "answer", "messages"):
             require(bool(str(getattr(self, name)).strip()), name, getattr(self, name), "must name a column")
         named = [v for v in (self.prompt, self.response, self.answer, self.messages) if v]

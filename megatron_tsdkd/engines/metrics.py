@@ -36,9 +36,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_tsdkd.config import default_config, to_dict
-from megatron_tsdkd.planning.run_config import flat_config
+from megatron_tsdkd.planning.run_config import config_yaml, flat_config
 from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_values
-from megatron_tsdkd.runtime.device_choices import device_kind
+from megatron_tsdkd.runtime.device_choices import device_kind, peak_memory as measured
 
 log = logging.getLogger("megatron_tsdkd.train")
 GIB = 1024**3
@@ -123,8 +123,6 @@ def format_duration(seconds: float) -> str:
 
 def peak_memory() -> str:
     """This process's peak memory (what is measured depends on the device: runtime/device_choices.py)."""
-    from megatron_tsdkd.runtime.device_choices import peak_memory as measured
-
     return measured()
 
 
@@ -335,6 +333,4 @@ def log_startup_summary(cfg, inputs, plan, start_step: int) -> None:
     for line in startup_summary(cfg, inputs, plan, start_step=start_step):
         log.info("%s", line)
     if log.isEnabledFor(logging.DEBUG):
-        from megatron_tsdkd.planning.run_config import config_yaml
-
         log.debug("resolved config:\n%s", config_yaml(cfg))

@@ -203,6 +203,8 @@ def build_trainer(cfg: TrainConfig, inputs: Optional[RunInputs] = None, plan: Op
     preemption = PreemptionFlag()   # first: a signal during model loading must not be lost
     if inputs is None or plan is None:
         inputs, plan = preflight(cfg)
+    # deferred: the DeepSpeed engine imports DeepSpeed (5 s measured on the CPU machine), which a megatron run never
+    # needs; the megatron engine's import is cheap once this module's are done, and stays beside it for symmetry
     if cfg.engine == "deepspeed":
         from megatron_tsdkd.engines.deepspeed.engine import DeepSpeedEngine as Engine
     else:

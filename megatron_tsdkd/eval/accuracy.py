@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_tsdkd.eval.answers import extract_answer, is_correct
+from megatron_tsdkd.generation import SamplingConfig, generate
 from megatron_tsdkd.runtime.collectives import sum_counts
 
 
@@ -34,8 +35,6 @@ def evaluate_accuracy(model, tokenizer, examples, *, tokens, max_new_tokens: int
     is the run's TokenSpec (stop ids, pad id, real vocabulary); ``extractor`` (answers.make_extractor) reads the
     final answer of a response (default: extract_answer). ``report.matched`` counts responses it found one in."""
     from megatron.core import parallel_state as ps
-
-    from megatron_tsdkd.generation import SamplingConfig, generate
 
     missing = [e.source for e in examples if e.answer is None]
     if missing:

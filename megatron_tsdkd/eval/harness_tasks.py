@@ -27,6 +27,8 @@ import difflib
 import os
 from typing import Optional
 
+from megatron_tsdkd.eval.sandbox import pass_at_1, refusal
+
 # The ten benchmarks of the TSD-KD paper, by their lm-eval 0.4.13 names (groups are kept as lm-eval defines them).
 PAPER_TASKS = ("gsm8k", "gsm_plus", "minerva_math", "mmlu_pro_math", "mmlu_stem", "sciq", "mbpp", "bbh",
                "leaderboard_musr", "ifeval")
@@ -177,8 +179,6 @@ def local_datasets(data_dir: str):
 
 def _mbpp_spec() -> dict:
     """lm-eval's mbpp task with its hub-loaded code_eval metric replaced by the sandbox (see module doc)."""
-    from megatron_tsdkd.eval.sandbox import pass_at_1, refusal
-
     refused = refusal()
     if refused:
         raise TaskError(refused)

@@ -31,6 +31,17 @@ import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megatron_tsdkd.data import ChatTemplateTokenizer
+from megatron_tsdkd.generation import SamplingConfig, generate
+from megatron_tsdkd.generation.stage_forward import padding_aware_attention, pipeline_dtype
+from megatron_tsdkd.losses.cross_entropy import label_log_probs
+from megatron_tsdkd.models import check_parallel_layout
+from megatron_tsdkd.models.dtypes import DTYPES
+from megatron_tsdkd.models.source import load_model, resolve_model_source
+from megatron_tsdkd.models.token_spec import load_tokenizer, token_spec
+from megatron_tsdkd.runtime import ParallelLayout, init_distributed
+from megatron_tsdkd.runtime.collectives import all_gather_objects, group_device
+
 
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -77,13 +88,6 @@ class TsdkdLM(TemplateLM):
                   **kwargs) -> "TsdkdLM":
         """Resolve, check and load ``pretrained`` (HF folder, megatron checkpoint or run folder) at TP x PP,
         initialising torch.distributed from the launcher's environment if nobody has yet."""
-        from megatron_tsdkd.data import ChatTemplateTokenizer
-        from megatron_tsdkd.models import check_parallel_layout
-        from megatron_tsdkd.models.dtypes import DTYPES
-        from megatron_tsdkd.models.source import load_model, resolve_model_source
-        from megatron_tsdkd.models.token_spec import load_tokenizer, token_spec
-        from megatron_tsdkd.runtime import ParallelLayout, init_distributed
-
         tp, pp = int(tp), int(pp)
         source = resolve_model_source(pretrained, format)
         check_parallel_layout(source.hf_config, tp, pp)
@@ -137,8 +141,6 @@ class TsdkdLM(TemplateLM):
         """``run_batch(list) -> list`` over ``items`` in batches, the batches dealt round-robin to data-parallel
         replicas; results all-gathered over the DP group back into item order (identical on every rank)."""
         from megatron.core import parallel_state as ps
-
-        from megatron_tsdkd.runtime.collectives import all_gather_objects
 
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         batches = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items),
@@ -197,9 +199,6 @@ class TsdkdLM(TemplateLM):
         argmax. Collective over the model-parallel group; every rank returns the same values."""
         from megatron.core import parallel_state as ps
 
-        from megatron_tsdkd.losses.cross_entropy import label_log_probs
-        from megatron_tsdkd.runtime.collectives import group_device
-
         device = next(self.model.parameters()).device
         width = max(len(r[0]) for r in rows)
         pad = self.tokens.pad_id
@@ -257,8 +256,6 @@ class TsdkdLM(TemplateLM):
     def _generate_batch(self, batch) -> list[str]:
         from lm_eval.models.utils import postprocess_generated_text
 
-        from megatron_tsdkd.generation import SamplingConfig, generate
-
         texts = [None] * len(batch)
         groups: dict[tuple, list[int]] = {}
         for position, (_, item) in enumerate(batch):
@@ -283,8 +280,6 @@ def _full_forward(model, tokens: torch.Tensor, valid: torch.Tensor) -> Optional[
     without the TP gather (``runtime_gather_output=False``). ``valid`` [b, s] marks real tokens (right padding)."""
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
-
-    from megatron_tsdkd.generation.stage_forward import padding_aware_attention, pipeline_dtype
 
     model = unwrap_model(model)
     batch, seq = tokens.shape

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_tsdkd.data.collate import collate_prompts
+
 
 @dataclass
 class PaddedBatch:
@@ -22,8 +24,6 @@ class PaddedBatch:
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
                      device: torch.device) -> "PaddedBatch":
-        from megatron_tsdkd.data.collate import collate_prompts
-
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generation needs at least one prompt and no empty prompt")
         left = collate_prompts(prompts, pad_token_id, padding_side="left")   # the project's one left padding

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from megatron_tsdkd.kpod.prepare import PrepareSettings, prepare
+from megatron_tsdkd.kpod.token_weighting import WeightingConfig
+from megatron_tsdkd.runtime import ParallelLayout, init_distributed
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="KPOD offline preparation: steps, token weights, difficulties, clusters, schedule")
@@ -31,10 +35,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = _parser().parse_args(argv)
     if args.epochs < 1:
         raise SystemExit(f"error: --epochs must be >= 1, got {args.epochs}")
-    from megatron_tsdkd.kpod.prepare import PrepareSettings, prepare
-    from megatron_tsdkd.kpod.token_weighting import WeightingConfig
-    from megatron_tsdkd.runtime import ParallelLayout, init_distributed
-
     settings = PrepareSettings(args.data, args.student, args.out, epochs=args.epochs, beta_div=args.beta_div,
                                num_clusters=args.num_clusters, weights_in_difficulty=not args.no_weights_in_difficulty,
                                use_progression=not args.no_progression, use_diversity=not args.no_diversity,

@@ -17,12 +17,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tsdkd.data.chat_tokenization import ChatTemplateTokenizer, TokenizedExample
+from megatron_tsdkd.data.records import read_jsonl
 from megatron_tsdkd.kpod import artefacts
 from megatron_tsdkd.kpod.clusters import kmeans, mean_embeddings
+from megatron_tsdkd.kpod.difficulty import step_difficulties
 from megatron_tsdkd.kpod.schedule import progressive_schedule
-from megatron_tsdkd.runtime.atomic_files import write_atomic
 from megatron_tsdkd.kpod.steps import ANSWER, step_texts, token_steps
 from megatron_tsdkd.kpod.token_weighting import TokenWeighting, WeightingConfig, token_weights, train_token_weighting
+from megatron_tsdkd.models.source import load_model, resolve_model_source
+from megatron_tsdkd.models.token_spec import load_tokenizer, token_spec
+from megatron_tsdkd.runtime import device
+from megatron_tsdkd.runtime.atomic_files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,6 @@ class _Student:
     def __init__(self, path: str):
         from megatron.core import parallel_state as ps
 
-        from megatron_tsdkd.data.chat_tokenization import ChatTemplateTokenizer
-        from megatron_tsdkd.models.source import resolve_model_source
-        from megatron_tsdkd.models.token_spec import load_tokenizer
-
         self.source = resolve_model_source(path)
         self.chat = ChatTemplateTokenizer(load_tokenizer(self.source.meta_dir))
         self.ps = ps
@@ -75,9 +77,6 @@ class _Student:
     @property
     def model(self):
         if self._model is None:
-            from megatron_tsdkd.models.source import load_model
-            from megatron_tsdkd.models.token_spec import token_spec
-
             self.tokens = token_spec(self.chat, [self.source], self.ps.get_tensor_model_parallel_world_size())
             self._model = load_model(self.source, dtype=torch.float32, padded_vocab_size=self.tokens.padded_vocab_size)
             self._model.eval()
@@ -94,8 +93,6 @@ class _Student:
 
 
 def prepare(settings: PrepareSettings, log=print) -> None:
-    from megatron_tsdkd.data.records import read_jsonl
-
     os.makedirs(settings.out, exist_ok=True)
     path = lambda name: os.path.join(settings.out, name)  # noqa: E731
     student = _Student(settings.student)
@@ -148,10 +145,6 @@ def prepare(settings: PrepareSettings, log=print) -> None:
     if _done(path(artefacts.DIFFICULTY)):
         log(f"{artefacts.DIFFICULTY}: present, kept")
     else:
-        from megatron_tsdkd.data.chat_tokenization import TokenizedExample
-        from megatron_tsdkd.kpod.difficulty import step_difficulties
-        from megatron_tsdkd.runtime import device
-
         model = student.model
         d = step_difficulties(model, [TokenizedExample(r["prompt_ids"], r["response_ids"]) for r in rows],
                               [r["token_steps"] for r in rows], [w["weights"] for w in weights],

@@ -17,6 +17,11 @@ from typing import Callable, Optional
 import torch
 
 from megatron_tsdkd.models.errors import ModelError, TargetFolderError
+from megatron_tsdkd.models.hf_config import check_parallel_layout
+from megatron_tsdkd.models.hf_export import export_hf
+from megatron_tsdkd.models.mcore_checkpoint import save_mcore_weights
+from megatron_tsdkd.models.source import load_model, resolve_model_source
+from megatron_tsdkd.runtime import ParallelLayout, destroy, init_distributed
 from megatron_tsdkd.runtime.collectives import barrier
 
 
@@ -47,8 +52,6 @@ def _start_rank(tp: int, pp: int, out_dir: str, force: bool) -> None:
     """Process groups for this rank; rank 0 clears a forced target before anyone writes."""
     import torch.distributed as dist
 
-    from megatron_tsdkd.runtime import ParallelLayout, init_distributed
-
     init_distributed(ParallelLayout(tensor=tp, pipeline=pp))
     if force and dist.get_rank() == 0:
         _clear_target(out_dir)
@@ -57,9 +60,6 @@ def _start_rank(tp: int, pp: int, out_dir: str, force: bool) -> None:
 
 def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.dtype, force: bool = False) -> None:
     """One rank's share of hf-to-mcore: load its shard from safetensors and save it in the distributed checkpoint."""
-    from megatron_tsdkd.models.mcore_checkpoint import save_mcore_weights
-    from megatron_tsdkd.models.source import load_model, resolve_model_source
-
     _start_rank(tp, pp, out_dir, force)
     source = resolve_model_source(hf_dir, "hf")
     save_mcore_weights(load_model(source, dtype=dtype), out_dir, hf_meta_src=source.meta_dir)
@@ -68,9 +68,6 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
 def mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int, dtype: Optional[torch.dtype],
                      force: bool = False) -> None:
     """One rank's share of mcore-to-hf: load its shard from the distributed checkpoint, then export together."""
-    from megatron_tsdkd.models.hf_export import export_hf
-    from megatron_tsdkd.models.source import load_model, resolve_model_source
-
     _start_rank(tp, pp, out_dir, force)
     source = resolve_model_source(mcore_dir, "mcore")
     export_hf(load_model(source), out_dir, source.meta_dir, dtype=dtype)
@@ -86,8 +83,6 @@ def _spawned_rank(rank: int, world_size: int, port: int, fn: Callable, args: tup
 def run_world(world_size: int, fn: Callable, *args) -> None:
     """Run ``fn(*args)`` on every rank of a world of ``world_size``: the launcher's, or one spawned here."""
     import torch.distributed as dist
-
-    from megatron_tsdkd.runtime import destroy
 
     launched = dist.is_initialized() or "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if launched:
@@ -124,9 +119,6 @@ def prepare_conversion(command: str, source_path: str, out: str, tp: int, pp: in
                        force: bool) -> tuple[Callable, tuple]:
     """Every check a user can fail, before any process group; returns the per-rank function and its arguments.
     ``command``: "hf-to-mcore" or "mcore-to-hf"; ``dtype`` None keeps the source's."""
-    from megatron_tsdkd.models.hf_config import check_parallel_layout
-    from megatron_tsdkd.models.source import resolve_model_source
-
     source = resolve_model_source(source_path, "hf" if command == "hf-to-mcore" else "mcore")
     check_parallel_layout(source.hf_config, tp, pp)
     check_target(out, force, sources=(source.weights,))

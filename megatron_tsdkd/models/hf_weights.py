@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_tsdkd.models.errors import WeightFileError
-from megatron_tsdkd.models.hf_config import arch_spec
+from megatron_tsdkd.models.hf_config import arch_spec, read_hf_config
 from megatron_tsdkd.models.mapping import Piece, hf_tensor_shapes, model_layouts
 
 SINGLE_FILE = "model.safetensors"
@@ -103,8 +103,6 @@ def check_hf_weights(hf_dir: str, hf_config) -> None:
 
 def load_hf_weights(model, hf_dir: str, hf_config=None) -> None:
     """Fill this rank's stage/shard of ``model`` from ``hf_dir``; padded vocabulary rows become zero."""
-    from megatron_tsdkd.models.hf_config import read_hf_config
-
     spec = arch_spec(hf_config if hf_config is not None else read_hf_config(hf_dir))
     layouts = model_layouts(model, spec)
     files = HFWeightFiles(hf_dir)

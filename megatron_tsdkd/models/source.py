@@ -17,10 +17,12 @@ from typing import Optional
 
 import torch
 
+from megatron_tsdkd.models.builder import build_model
 from megatron_tsdkd.models.dtypes import SAFETENSORS_DTYPES, default_dtype
 from megatron_tsdkd.models.errors import ModelError
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, read_hf_config
-from megatron_tsdkd.models.mcore_checkpoint import HF_META_DIR, checkpoint_dtype, resolve_checkpoint
+from megatron_tsdkd.models.hf_weights import HFWeightFiles, check_hf_weights, load_hf_weights
+from megatron_tsdkd.models.mcore_checkpoint import HF_META_DIR, checkpoint_dtype, load_mcore_weights, resolve_checkpoint
 from megatron_tsdkd.runtime.placement import assert_placed
 
 FORMATS = ("auto", "hf", "mcore")
@@ -42,8 +44,6 @@ class ModelSource:
         """Every weight file present and whole, every tensor of the shape the config implies (no tensor data is
         read): a broken download stops here, not in the middle of loading on every rank."""
         if self.format == "hf":
-            from megatron_tsdkd.models.hf_weights import check_hf_weights
-
             check_hf_weights(self.weights, self.hf_config)
         else:
             checkpoint_dtype(self.weights)  # reads the checkpoint's metadata: absent or foreign weights fail here
@@ -52,7 +52,6 @@ class ModelSource:
         """The dtype the weights are stored in."""
         if self.format == "mcore":
             return checkpoint_dtype(self.weights)
-        from megatron_tsdkd.models.hf_weights import HFWeightFiles
 
         return SAFETENSORS_DTYPES.get(HFWeightFiles(self.weights).dtype(), torch.float32)
 
@@ -96,10 +95,6 @@ def load_model(source: ModelSource, *, dtype: Optional[torch.dtype] = None, padd
     """This rank's stage of ``source``, weights loaded (collective over the model-parallel group), every tensor on
     this rank's device. ``dtype`` defaults to the checkpoint's own for megatron checkpoints, else bf16 on GPU and
     fp32 on CPU."""
-    from megatron_tsdkd.models.builder import build_model
-    from megatron_tsdkd.models.hf_weights import load_hf_weights
-    from megatron_tsdkd.models.mcore_checkpoint import load_mcore_weights
-
     if dtype is None:
         dtype = source.saved_dtype() if source.format == "mcore" else default_dtype()
     build_kwargs.setdefault("perform_initialization", False)  # every weight is overwritten by the load

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_tsdkd.config import TrainConfig
-from megatron_tsdkd.data import ChatDataset, ChatTemplateTokenizer, TokenizedExample
-from megatron_tsdkd.models import ModelError
+from megatron_tsdkd.data import ChatDataset, ChatTemplateTokenizer, DataFormatError, TokenizedExample, load_chat_dataset
+from megatron_tsdkd.data.token_cache import resolve_cache_dir
+from megatron_tsdkd.kpod.samples import check_schedule_settings, load_kpod_dataset
+from megatron_tsdkd.methods import method_class
+from megatron_tsdkd.models import ModelError, check_parallel_layout
+from megatron_tsdkd.models.hf_export import written_by_export
 from megatron_tsdkd.models.source import ModelSource, resolve_model_source
 from megatron_tsdkd.models.token_spec import TokenSpec, load_tokenizer, token_spec
 
@@ -47,8 +51,6 @@ def tokenizer_difference(a, b) -> Optional[str]:
 
 
 def _source(key: str, model_cfg, cfg: TrainConfig) -> ModelSource:
-    from megatron_tsdkd.models import check_parallel_layout
-
     try:
         source = resolve_model_source(model_cfg.path, model_cfg.format)
         check_parallel_layout(source.hf_config, cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -59,11 +61,8 @@ def _source(key: str, model_cfg, cfg: TrainConfig) -> ModelSource:
 
 
 def _dataset(key: str, path: str, chat: ChatTemplateTokenizer, cfg: TrainConfig, mode: str) -> ChatDataset:
-    from megatron_tsdkd.data import DataFormatError, load_chat_dataset
-
     if not os.path.exists(path):
         raise PreflightError(f"{key}: {path} does not exist")
-    from megatron_tsdkd.data.token_cache import resolve_cache_dir
 
     cache_dir = resolve_cache_dir(cfg.data.cache_dir, cfg.logging.dir)
     _usable_folder("data.cache_dir", cache_dir or "")
@@ -76,8 +75,6 @@ def _dataset(key: str, path: str, chat: ChatTemplateTokenizer, cfg: TrainConfig,
 
 
 def _kpod_dataset(train: ChatDataset, cfg: TrainConfig) -> ChatDataset:
-    from megatron_tsdkd.kpod.samples import check_schedule_settings, load_kpod_dataset
-
     try:
         check_schedule_settings(cfg.method)
         return load_kpod_dataset(train, cfg.method.prepared_dir, cfg.method.use_token_weights)
@@ -96,8 +93,6 @@ def _hf_folders_only(student: ModelSource, teacher: Optional[ModelSource]) -> No
 
 def check_inputs(cfg: TrainConfig) -> RunInputs:
     """Read and check every input of ``cfg`` (it is not changed): model sources, tokenizer, token spec, data."""
-    from megatron_tsdkd.methods import method_class
-
     student = _source("models.student.path", cfg.models.student, cfg)
     teacher = None
     if method_class(cfg.method.name).needs_teacher:
@@ -158,8 +153,6 @@ def _usable_folder(key: str, path: str) -> None:
 
 
 def _check_outputs(cfg: TrainConfig) -> None:
-    from megatron_tsdkd.models.hf_export import written_by_export
-
     for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir),
                       ("checkpoint.export_hf", cfg.checkpoint.export_hf)):
         _usable_folder(key, path)

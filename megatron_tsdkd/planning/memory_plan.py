@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
+from megatron_tsdkd.methods import method_class
 from megatron_tsdkd.models.dtypes import DTYPES
-from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout
+from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout, read_hf_config
 from megatron_tsdkd.models.mapping import stage_layouts
 from megatron_tsdkd.models.token_spec import shared_padded_vocab
 from megatron_tsdkd.planning.host_memory_plan import HostPlan
@@ -376,8 +377,6 @@ def _plans_vllm(cfg) -> bool:
     """Whether the plan counts a vLLM replica: rollout.engine=vllm, or auto not yet resolved (tools/plan.py plans
     before any check of the environment; auto then counts the replica, the larger of the two), except for the
     co-generation methods, which always decode with megatron."""
-    from megatron_tsdkd.methods import method_class
-
     return cfg.rollout.engine in ("vllm", "auto") and not method_class(cfg.method.name).co_generation
 
 
@@ -430,8 +429,6 @@ def as_spec(config) -> ArchSpec:
 def load_hf_spec(path: str, role: str) -> tuple[ArchSpec, str]:
     """An ArchSpec from a model folder, a config.json, or (when the folder does not exist yet) the config shipped in
     configs/hf/<folder name>/ for users who have no weights yet. Returns the spec and where it came from."""
-    from megatron_tsdkd.models.hf_config import read_hf_config
-
     candidates = [path]
     if not os.path.exists(path):
         candidates.append(os.path.join(SHIPPED_HF_CONFIGS, os.path.basename(os.path.normpath(path))))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_tsdkd.config import TrainConfig, to_dict
+from megatron_tsdkd.generation.vllm_replica import unsupported_reason
 from megatron_tsdkd.methods import method_class
 from megatron_tsdkd.models.run_folder import CheckpointError, latest_checkpoint, step_of
 from megatron_tsdkd.planning.host_memory_plan import node_facts
@@ -133,8 +134,6 @@ def rollout_backend(cfg: TrainConfig, inputs: RunInputs) -> Optional[str]:
     methods that pick each token from both models; vLLM for rollout.engine=vllm (refused before start when vLLM
     cannot serve the student) or auto where it can; else our decode (megatron) or transformers' generate (the
     DeepSpeed engine, which has no megatron model)."""
-    from megatron_tsdkd.generation.vllm_replica import unsupported_reason
-
     r = cfg.rollout
     if not r.on_policy_prob:
         return None

@@ -27,6 +27,9 @@ import time
 from collections import deque
 from typing import Optional
 
+from megatron_tsdkd.runtime.atomic_files import write_json_atomic
+from megatron_tsdkd.runtime.collectives import all_gather_objects
+
 NOTES_ENV = "TSDKD_DEATH_NOTES"
 WAIT_SECONDS = 3.0          # how long a survivor waits for its peer's note (the agent writes it within milliseconds)
 POLL_SECONDS = 0.01          # fast enough to catch a killed peer on this node as a zombie, before it is reaped
@@ -189,8 +192,6 @@ def _signal_name(number: int) -> str:
 
 
 def write_note(folder: str, note: dict) -> str:
-    from megatron_tsdkd.runtime.atomic_files import write_json_atomic
-
     path = os.path.join(folder, f"{note['host']}.pid-{note['pid']}.json")
     write_json_atomic(path, note)
     return path
@@ -310,8 +311,6 @@ def remember_peers() -> None:
     start-up): a peer on this node that vanishes is then found without an agent's note."""
     global _peers, _oom_at_init
     import torch.distributed as dist
-
-    from megatron_tsdkd.runtime.collectives import all_gather_objects
 
     _oom_at_init = oom_kills()
     me = {"rank": dist.get_rank(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -26,8 +26,10 @@ from typing import Callable, Optional
 
 import yaml
 
-from megatron_tsdkd.study.spec import Study, StudyError, run_overrides
+from megatron_tsdkd.config import ConfigError, load_config
+from megatron_tsdkd.methods import METHODS
 from megatron_tsdkd.runtime.atomic_files import write_json_atomic
+from megatron_tsdkd.study.spec import Study, StudyError, run_overrides
 
 RESULT = "result.json"
 # Variables of an enclosing launcher that would make a child think it is one rank of a bigger world.
@@ -63,9 +65,6 @@ def method_of(study: Study, overrides) -> str:
 def plan_runs(study: Study, out_dir: str) -> tuple[list[Run], dict[str, str]]:
     """Every run with its full overrides, validated with the trainer's own config loader, and the status of cells
     that cannot run (``missing``: method not registered). Any other config error is a StudyError naming the cell."""
-    from megatron_tsdkd.config import ConfigError, load_config
-    from megatron_tsdkd.methods import METHODS
-
     # The base config's settings of other methods are ignored for each cell with a warning: once per cell, not here.
     logging.getLogger("megatron_tsdkd.config").setLevel(logging.ERROR)
     runs, status = [], {}
@@ -86,8 +85,6 @@ def plan_runs(study: Study, out_dir: str) -> tuple[list[Run], dict[str, str]]:
 def eval_settings(study: Study, out_dir: str) -> tuple[EvalSettings, dict[str, str]]:
     """The tasks (the base config's data.eval when the study names none; the first eval_limit problems of each
     when set) and the decoding budget, plus the base config's student and teacher paths."""
-    from megatron_tsdkd.config import load_config
-
     cfg = load_config(study.base, ())
     tasks = dict(study.tasks) or ({"heldout": cfg.data.eval} if cfg.data.eval else {})
     if not tasks:
