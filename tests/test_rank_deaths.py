@@ -234,6 +234,35 @@ def test_the_agent_summary_puts_the_first_death_first_and_fills_in_missed_ones(t
     assert json.loads((tmp_path / f"{watch.notes[12]['host']}.pid-12.json").read_text())["signal"] == "SIGABRT"
 
 
+def test_a_worker_read_before_its_exec_is_read_again_and_a_missing_rank_comes_from_torchrun(tmp_path, monkeypatch):
+    """Between fork and exec a worker's /proc environment is still the agent's (no RANK): caching that would leave
+    its death note without a rank, and the survivor's line with "a worker" instead of "rank 1"."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    environments = iter([{"rank": None, "local_rank": None, "gpu": None, "run": None},
+                         {"rank": 1, "local_rank": 1, "gpu": 1, "run": "r"}])
+    monkeypatch.setattr(torchrun, "_children", lambda: [21])
+    monkeypatch.setattr(torchrun, "_worker_facts", lambda pid: next(environments))
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):   # the census's pause: end it once the worker's ranks are in
+        if 21 in watch.workers:
+            raise Done
+
+    monkeypatch.setattr(torchrun.time, "sleep", sleep)
+    watch = torchrun.DeathWatch(str(tmp_path))
+    with pytest.raises(Done):
+        watch._census()
+    assert watch.workers[21]["rank"] == 1
+
+    watch.died(22, 9, None)   # a worker whose ranks the census never read
+    assert watch.notes[22]["rank"] is None
+    lines = watch.summary({3: ProcessFailure(local_rank=3, pid=22, exitcode=-9, error_file="")})
+    assert lines[0].startswith("torchrun: rank 3 (local rank 3, pid 22 on node "), lines
+    assert json.loads((tmp_path / f"{watch.notes[22]['host']}.pid-22.json").read_text())["rank"] == 3
+
+
 def test_the_agent_picks_its_notes_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(rank_deaths.NOTES_ENV, str(tmp_path / "given"))
     assert torchrun._notes_folder() == (str(tmp_path / "given"), False)

@@ -269,6 +269,16 @@ def _bwrap_argv(program_path: str, info_fd: int) -> list[str]:
                    "--", interpreter, "-I", "-S", "program.py"]
 
 
+def _exited_within(pidfd: int, timeout_s: float) -> bool:
+    """Whether the process behind ``pidfd`` exits within ``timeout_s`` (its pidfd turns readable); closes it."""
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout_s * 1000))))
+    finally:
+        os.close(pidfd)
+
+
 def _wait_unreaped(pid: int, timeout_s: float) -> bool:
     """Wait until the child exits (True) or the timeout (False), leaving it unreaped: while it is a zombie its
     process-group id cannot be reused, so the group kill after it cannot hit a stranger."""
@@ -277,12 +287,7 @@ def _wait_unreaped(pid: int, timeout_s: float) -> bool:
     except (AttributeError, OSError):
         pidfd = None
     if pidfd is not None:
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            return bool(poller.poll(max(0, int(timeout_s * 1000))))
-        finally:
-            os.close(pidfd)
+        return _exited_within(pidfd, timeout_s)
     deadline, delay = time.monotonic() + timeout_s, 0.0005
     while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         left = deadline - time.monotonic()
@@ -327,12 +332,7 @@ def _wait_gone(pid: Optional[int], timeout_s: float) -> None:
     except (AttributeError, OSError):
         pidfd = None
     if pidfd is not None:
-        try:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            poller.poll(int(timeout_s * 1000))
-        finally:
-            os.close(pidfd)
+        _exited_within(pidfd, timeout_s)
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

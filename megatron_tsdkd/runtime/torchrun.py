@@ -155,8 +155,8 @@ class DeathWatch:
             for pid in _children():
                 if pid not in self.workers:
                     facts = _worker_facts(pid)
-                    if facts is not None:
-                        self.workers[pid] = facts
+                    if facts is not None and facts["rank"] is not None:   # between fork and exec: the agent's
+                        self.workers[pid] = facts                          # environment, no RANK yet; look again
             time.sleep(CENSUS_SECONDS)
 
     def _watch(self) -> None:
@@ -179,25 +179,32 @@ class DeathWatch:
         """Write (once) and return the death note of worker ``pid``."""
         with self.lock:
             if pid in self.notes:
-                return self.notes[pid]
+                note = self.notes[pid]
+                if note["rank"] is None and rank is not None:   # torchrun's record names a rank the watch missed
+                    note.update(rank=rank, local_rank=local_rank)
+                    self._write(note)
+                return note
             facts = self.workers.get(pid, {})
             note = rank_deaths.death_note(
                 rank=facts.get("rank", rank), local_rank=facts.get("local_rank", local_rank), pid=pid,
                 signal_number=signal_number, exit_code=exit_code, run=facts.get("run"),
                 memory=self.memory.figures(facts.get("gpu")))
             self.notes[pid] = note
-            try:
-                rank_deaths.write_note(self.folder, note)
-            except OSError as error:
-                print(f"torchrun: could not write the death note of worker {pid} to {self.folder}: {error}",
-                      file=sys.stderr, flush=True)
+            self._write(note)
             return note
+
+    def _write(self, note: dict) -> None:
+        try:
+            rank_deaths.write_note(self.folder, note)
+        except OSError as error:
+            print(f"torchrun: could not write the death note of worker {note['pid']} to {self.folder}: {error}",
+                  file=sys.stderr, flush=True)
 
     def summary(self, failures: dict) -> list[str]:
         """One line per worker killed by a signal (torchrun's ``ChildFailedError.failures``: global rank ->
         ProcessFailure), the first death first; a later one is put down to torchrun's stopping of the others."""
-        for rank, failure in failures.items():   # a death the watch missed: its note comes from torchrun's record
-            if failure.exitcode is not None and failure.exitcode < 0:
+        for rank, failure in failures.items():   # a death the watch missed (or a rank it could not read): its
+            if failure.exitcode is not None and failure.exitcode < 0:   # note comes from torchrun's record
                 self.died(failure.pid, -failure.exitcode, None, rank=rank, local_rank=failure.local_rank)
         deaths = sorted(self.notes.values(), key=lambda note: note["time"])
         first = deaths[0] if deaths else None
