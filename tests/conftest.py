@@ -1,5 +1,6 @@
 import functools
 import os
+import signal
 import sys
 import warnings
 
@@ -11,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+# Tests press Ctrl-C (SIGINT) on the processes they start, as a terminal would. A suite started in the background of
+# a non-interactive shell (`make test &`, a CI runner's background job) inherits SIGINT ignored, and every process it
+# starts would too: bash cannot trap a signal ignored at its entry, so the launcher would never see the Ctrl-C.
+# Python's own handler here gives the children the default disposition at their exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.lru_cache(maxsize=None)
