@@ -492,6 +492,7 @@ PYEOF
 EXPORT=$WORK/student_hf
 TRAIN_ARGS=(--config configs/tsdkd_14b_to_1.5b.yaml
     "models.student.path=$MODELS/student_ckpt" "models.teacher.path=$MODELS/teacher" "data.train=$MODELS/train.jsonl"
+    parallel.teacher.tensor=null   # one GPU: the teacher co-located (the config's own teacher layout needs 8)
     method.name=tsdkd rollout.on_policy_prob=1 precision.dtype=bf16 schedule.max_steps=3
     "batch.global_size=$CKPT_BATCH" batch.micro_size=auto "data.max_length=$((PROMPT + CKPT_NEW))"
     "data.max_prompt_length=$PROMPT" "rollout.max_new_tokens=$CKPT_NEW"

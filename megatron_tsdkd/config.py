@@ -46,9 +46,20 @@ class ModelsConfig:
 
 
 @dataclass
+class TeacherParallelConfig:
+    tensor: Optional[int] = None        # unset: the student's (parallel.tensor)
+    pipeline: Optional[int] = None      # unset: the student's (parallel.pipeline)
+    # in the student's layout: ride in the student's pipeline stages, one schedule for both (true), or run on groups
+    # of its own with its own forward pass as in any other layout (false; benchmarks/teacher_layout_step.py)
+    colocated: bool = True
+
+
+@dataclass
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # the teacher's own layout (engines/megatron/teacher_layout.py); its data parallelism fills the world
+    teacher: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
 
 
 @dataclass
@@ -353,7 +364,10 @@ def _check(cfg: TrainConfig) -> None:
                        ("optimizer.loss_scale_hysteresis", o.loss_scale_hysteresis)]:
         need(value >= 1, key, f"must be >= 1, got {value}")
     auto_micro = b.micro_size == "auto"   # resolved by the memory plan (planning/memory_plan.py)
+    t = cfg.parallel.teacher
     for key, value in [("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
+                       ("parallel.teacher.tensor", 1 if t.tensor is None else t.tensor),
+                       ("parallel.teacher.pipeline", 1 if t.pipeline is None else t.pipeline),
                        ("batch.global_size", b.global_size), ("batch.micro_size", 1 if auto_micro else b.micro_size),
                        ("data.max_length", cfg.data.max_length), ("data.max_prompt_length", cfg.data.max_prompt_length)]:
         need(value >= 1, key, f"must be >= 1, got {value}")
@@ -380,12 +394,28 @@ def _check(cfg: TrainConfig) -> None:
     need(not (method.co_generation and r.engine == "vllm"), "rollout.engine",
          f"method {method.name} picks each token from the student's and the teacher's logits together "
          f"(generation/co_generation.py), which vLLM cannot do; use rollout.engine=megatron (or auto)")
+    own_teacher_layout = (teacher_layout_of(cfg.parallel) != (cfg.parallel.tensor, cfg.parallel.pipeline)
+                          or not cfg.parallel.teacher.colocated)
+    need(not own_teacher_layout or method.needs_teacher, "parallel.teacher",
+         f"method {method.name} has no teacher; unset parallel.teacher.tensor, parallel.teacher.pipeline and "
+         f"parallel.teacher.colocated")
+    need(not (own_teacher_layout and method.co_generation and lam), "parallel.teacher",
+         f"method {method.name} samples each token from the student's and the teacher's logits together "
+         f"(generation/co_generation.py), which needs the teacher co-located in the student's layout; unset "
+         f"parallel.teacher.tensor, parallel.teacher.pipeline and parallel.teacher.colocated, or set "
+         f"rollout.on_policy_prob=0")
     need(cfg.engine in method.engines, "engine",
          f"method {method.name} runs on engine={' or '.join(method.engines)} only ("
          + ("it samples with student and teacher together, generation/co_generation.py" if method.co_generation
             else "engine=deepspeed has the plain data path only") + f"), got {cfg.engine}")
     _check_sequence_ranking(cfg, need)
     _check_deepspeed(cfg, need)
+
+
+def teacher_layout_of(parallel: ParallelConfig) -> tuple[int, int]:
+    """The teacher's (tensor, pipeline) sizes: parallel.teacher.*, each unset one the student's."""
+    t = parallel.teacher
+    return (parallel.tensor if t.tensor is None else t.tensor, parallel.pipeline if t.pipeline is None else t.pipeline)
 
 
 def _check_sequence_ranking(cfg: TrainConfig, need) -> None:
@@ -423,6 +453,12 @@ def _check_deepspeed(cfg: TrainConfig, need) -> None:
         for key, value in (("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline)):
             need(value == 1, key, f"must be 1 with engine=deepspeed (ZeRO shards over data parallelism only), "
                                   f"got {value}; use engine=megatron for tensor/pipeline parallelism")
+        t = cfg.parallel.teacher
+        for key, value, unset in (("parallel.teacher.tensor", t.tensor, None),
+                                  ("parallel.teacher.pipeline", t.pipeline, None),
+                                  ("parallel.teacher.colocated", t.colocated, True)):
+            need(value == unset, key, f"is for engine=megatron (engine=deepspeed partitions the teacher with ZeRO-3 "
+                                      f"over every rank already); unset it, got {value}")
         need(cfg.models.recompute != "selective", "models.recompute",
              "selective (core attention only) is megatron-core's; engine=deepspeed offers none or full "
              "(transformers' gradient checkpointing)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TSD-KD: the paper's pair, Qwen2.5-14B-Instruct teacher -> Qwen2.5-1.5B-Instruct student, 1 node x 8 GPUs
-# (TP=1, PP=1, DP=8), hyperparameters of the reference run.
+# (the student at TP=1, DP=8; the teacher on its own layout at TP=8 over the node, serving all eight student
+# replicas: the best layout `tsdkd-plan --search` lists for 8 x 80 GB), hyperparameters of the reference run.
 #
 #   mkdir -p logs && sbatch slurm/tsdkd_14b_to_1.5b.sh [key=value ...]      # submit from the repository root
 #
@@ -12,7 +13,8 @@
 #                  checkpoints/, tensorboard/ and per-node logs
 #   TSDKD_CONFIG   [configs/tsdkd_14b_to_1.5b.yaml]   training config; key=value arguments override it
 # Check the memory plan before queueing: python tools/plan.py --config configs/tsdkd_14b_to_1.5b.yaml --world-size 8
-# Try the launch path without Slurm: NPROC_PER_NODE=1 slurm/tsdkd_14b_to_1.5b.sh parallel.tensor=1 ...
+#   (add --search for every layout that fits)
+# Try the launch path without Slurm: NPROC_PER_NODE=1 slurm/tsdkd_14b_to_1.5b.sh parallel.teacher.tensor=1 ...
 #
 # Preemption and time limits: Slurm sends USR1 to this script 300 s before the limit (--signal); the launcher
 # passes it to the trainer, which saves a checkpoint and exits, and the job requeues itself and resumes

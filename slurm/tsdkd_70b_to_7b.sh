@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# TSD-KD: Qwen2.5-72B-Instruct teacher -> Qwen2.5-7B-Instruct student, 2 nodes x 8 GPUs (TP=4, PP=2, DP=2).
-# The Llama-3.1-70B -> 8B variant: TSDKD_CONFIG=configs/tsdkd_llama70b_to_8b.yaml with TEACHER_MODEL/STUDENT_MODEL set.
+# TSD-KD: Qwen2.5-72B-Instruct teacher -> Qwen2.5-7B-Instruct student, 2 nodes x 8 GPUs: the student at TP=2, DP=8
+# (eight replicas), the teacher on its own layout at TP=8 x PP=2 (one replica, a pipeline stage per node), the best
+# layout `tsdkd-plan --search` lists for 16 x 80 GB. The teacher's layout needs a multiple of 16 processes, 8 per node.
+# The Llama-3.1-70B -> 8B variant (the same layout): TSDKD_CONFIG=configs/tsdkd_llama70b_to_8b.yaml with
+# TEACHER_MODEL/STUDENT_MODEL set.
 #
 #   mkdir -p logs && sbatch slurm/tsdkd_70b_to_7b.sh [key=value ...]      # submit from the repository root
 #
@@ -12,7 +15,9 @@
 #                  checkpoints/, tensorboard/ and per-node logs
 #   TSDKD_CONFIG   [configs/tsdkd_70b_to_7b.yaml]   training config; key=value arguments override it
 # Check the memory plan before queueing: python tools/plan.py --config configs/tsdkd_70b_to_7b.yaml --world-size 16
-# Try the launch path without Slurm: NPROC_PER_NODE=1 slurm/tsdkd_70b_to_7b.sh parallel.tensor=1 ...
+#   (add --search for every layout that fits)
+# Try the launch path without Slurm: NPROC_PER_NODE=1 slurm/tsdkd_70b_to_7b.sh parallel.tensor=1 \
+#   parallel.teacher.tensor=1 parallel.teacher.pipeline=1 ...
 #
 # Preemption and time limits: Slurm sends USR1 to this script 600 s before the limit (--signal); the launcher
 # passes it to the trainer, which saves a checkpoint and exits, and the job requeues itself and resumes

@@ -23,9 +23,11 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 @functools.lru_cache(maxsize=None)
 def _lane(path: str) -> str:
-    """The test file's lane: "pools" if it runs code on the harness's worker pools, else "launches"."""
+    """The test file's lane: "pools" if it runs code on the harness's worker pools (or says ``# lane: pools``: a
+    file that launches one process at a time, moved there to balance the lanes), else "launches"."""
     with open(path) as f:
-        return "pools" if "from harness import" in f.read() else "launches"
+        text = f.read()
+    return "pools" if "from harness import" in text or "\n# lane: pools\n" in text else "launches"
 
 
 @pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist, which `make test` installs (the dev extra)
@@ -37,8 +39,10 @@ def pytest_xdist_make_scheduler(config, log):
     is ~1.1x its wall time: much of it is one process importing, or waiting for another). Measured on 2 idle
     cores: 602-637 s against 843 s serially. Splitting by cost instead (the Slurm and preemption tests first, beside
     the pools) was slower, 719 s: those tests launch several processes each and slow down most when they share the
-    cores, so they are best left to the end of their lane, where they partly run alone. Other `--dist` modes are
-    left to xdist."""
+    cores, so they are best left to the end of their lane, where they partly run alone. With the teacher-layout
+    tests and benchmarks added the lanes summed 762 s (launches) against 542 s (pools) of test time, and the suite
+    took 779 s; tests/test_gpu_check.py (140 s, one process at a time) now runs in the pools lane. Other `--dist`
+    modes are left to xdist."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling

@@ -7,7 +7,7 @@ Imports cost 5-10 s per Python process on 2 shared cores, so the scripts that ne
 turn in one child process (each imported by path, its ``main(argv)`` called); the two that start vLLM replicas run
 in a second one (vLLM binds the process's OpenMP threads and its shutdown ends the process group, and
 rollout_logprob_diff.py keeps its replicas until the process ends). Scripts that start processes of their own
-(data_startup.py's ranks, loss_memory.py's variants) still do, at their smallest."""
+(data_startup.py's ranks, loss_memory.py's variants, teacher_layout_step.py's pair) still do, at their smallest."""
 from __future__ import annotations
 
 import ast
@@ -51,6 +51,15 @@ IN_ONE_PROCESS = {
         *(rf"^  {mode} +blocking +{N} s   total +{N} s$" for mode in ("sync", "async")),
         rf"^  training blocked: sync / async = {N}x;  async blocks \d+% of its own save;  total async / sync = "
         rf"{N}x$"]),
+    "teacher_layout_plan.py": (["--smoke"], [
+        rf"^today +co-located TP=4 x PP=2 +2 +\d+ +{N} +{N} +{N}$",
+        *(rf"^{name} +student TP=\d+ x PP=\d+, teacher TP=\d+ x PP=\d+ +8 +\d+ +{N} +{N} +{N}$"
+          for name in ("chosen", "per node")),
+        *(rf"^{name} / today: student replicas {N}x, per-GPU peak {N}x, teacher per GPU {N}x, sequences per forward "
+          rf"over the world {N}x$" for name in ("chosen", "per node"))]),
+    "teacher_layout_step.py": (["--smoke"], [
+        *(rf"^{name} +step {N} s  teacher forward {N} s$" for name in ("co-located", "own groups", "own layout")),
+        rf"^step time over co-located: own groups {N}x, own layout {N}x$"]),
     "data_startup.py": (["--smoke"], [
         *(rf"^{re.escape(phase)}: slowest rank {N} s, peak RSS \d+ MiB \(per rank: {N} s / \d+ MiB; 64 examples, "
           rf"[\d,]+ tokens\)$" for phase in ("today: JSONL, every rank tokenises into memory (64 rows)",

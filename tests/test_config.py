@@ -39,6 +39,13 @@ def test_yaml_and_overrides(tmp_path):
     ("rollout.greedy=maybe", r"rollout\.greedy: expected true or false"),
     ("nonsense=1", r"nonsense: unknown key"),
     ("method.beta", r"expected key=value"),
+    ("parallel.teacher.tensor=0", r"parallel\.teacher\.tensor: must be >= 1, got 0"),
+    ("parallel.teacher.tensor=2 engine=deepspeed",
+     r"parallel\.teacher\.tensor: is for engine=megatron \(engine=deepspeed partitions the teacher with ZeRO-3"),
+    ("parallel.teacher.colocated=false engine=deepspeed", r"parallel\.teacher\.colocated: is for engine=megatron"),
+    ("method.name=sft parallel.teacher.tensor=2", r"parallel\.teacher: method sft has no teacher"),
+    ("method.name=skd parallel.teacher.pipeline=2",
+     r"parallel\.teacher: method skd samples each token from the student's and the teacher's logits together"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

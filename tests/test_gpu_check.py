@@ -6,6 +6,8 @@ disk without room still ends in the summary, failed steps (a)-(d) do not stop th
 for the whole teacher keeps fewer of its layers (seconds each: stand-in Python commands)."""
 from __future__ import annotations
 
+# lane: pools
+
 import os
 import re
 import shutil

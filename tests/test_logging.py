@@ -239,7 +239,7 @@ def test_print_config_and_dry_run_errors_in_one_line(workdir, tmp_path, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "1")   # the world --dry-run plans for
     for extra, start in ((["memory.gpu_memory_gib=1"], "error: parallel layout: the planned memory per GPU exceeds 1"),
                          (["memory.host_memory_gib=0.5"], "error: host memory: 1 rank on this node need "),
-                         (["parallel.tensor=3"], "error: models.student.path: "),
+                         (["parallel.tensor=3"], "error: parallel: "),
                          (["parallel.tensor=2"], "error: parallel: tensor x pipeline = 2 x 1 = 2 does not divide the"),
                          (["method.bet=1"], "error: overrides: method.bet: unknown key"),
                          (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag")):

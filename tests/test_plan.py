@@ -56,12 +56,30 @@ def test_job_layouts_fit_80gb(script, yaml):
     from megatron_tsdkd.planning.memory_plan import load_hf_spec
     from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
+    import math
+
+    from megatron_tsdkd.config import teacher_layout_of
+    from megatron_tsdkd.models.builder import padded_vocab_size
+    from megatron_tsdkd.planning.run_plan import Layout, teacher_layout
+
     cfg = config(yaml)
     student = load_hf_spec(cfg.models.student.path, "student")[0]
     teacher = load_hf_spec(cfg.models.teacher.path, "teacher")[0]
     plan = check_memory_plan(cfg, script_world_size(script), student, teacher, gpu_memory_bytes=80 * 1024**3)
     assert plan.fits and plan.inputs.dp >= 1
     assert "FITS" in plan.table()
+    # the teacher's own layout obeys the placement rule on the script's nodes of 8 GPUs (what a launch checks)
+    vocab = padded_vocab_size(max(student.vocab_size, teacher.vocab_size),
+                              math.lcm(cfg.parallel.tensor, teacher_layout_of(cfg.parallel)[0]))
+    own = teacher_layout(cfg, Layout(cfg.parallel.tensor, cfg.parallel.pipeline, script_world_size(script)), teacher,
+                         vocab, ranks_per_node=8)
+    assert own is not None and (own.tensor, own.pipeline) == teacher_layout_of(cfg.parallel)
+
+
+# both models co-located at TP=1 x PP=2 (the shipped config's teacher layout unset)
+CO_LOCATED_TP1 = ["parallel.tensor=1", "parallel.pipeline=2", "parallel.teacher.tensor=null",
+                  "parallel.teacher.pipeline=null"]
+UNSET_TEACHER_LAYOUT = ["parallel.teacher.tensor=null", "parallel.teacher.pipeline=null"]   # for engine=deepspeed
 
 
 def test_72b_to_7b_refused_at_tp1_naming_the_teacher_weights():
@@ -70,19 +88,21 @@ def test_72b_to_7b_refused_at_tp1_naming_the_teacher_weights():
 
     student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
     world = script_world_size("tsdkd_70b_to_7b.sh")
-    cfg = config("tsdkd_70b_to_7b.yaml", "parallel.tensor=1")
+    cfg = config("tsdkd_70b_to_7b.yaml", *CO_LOCATED_TP1)
     with pytest.raises(MemoryPlanError) as refused:
         check_memory_plan(cfg, world, student, teacher, gpu_memory_bytes=80 * 1024**3)
     message = str(refused.value)
     assert "DOES NOT FIT" in message and "largest item: teacher weights" in message
     assert "try parallel.tensor=" in message and "memory.enforce=false" in message
     assert "student gradients" in message and "optimizer state" in message  # the table comes with it
-    # the suggested layout really fits
-    tp, pp = map(int, re.search(r"parallel.tensor=(\d+) parallel.pipeline=(\d+)", message).groups())
-    check_memory_plan(config("tsdkd_70b_to_7b.yaml", f"parallel.tensor={tp}", f"parallel.pipeline={pp}"), world,
-                      student, teacher, gpu_memory_bytes=80 * 1024**3)
+    # the suggested layout (the search's best: the student's and the teacher's keys) really fits
+    keys = re.search(r"try ((?:parallel\.\S+=\d+ )+)\(", message).group(1).split()
+    assert [k.split("=")[0] for k in keys] == ["parallel.tensor", "parallel.pipeline", "parallel.teacher.tensor",
+                                               "parallel.teacher.pipeline"], message
+    check_memory_plan(config("tsdkd_70b_to_7b.yaml", *CO_LOCATED_TP1, *keys), world, student, teacher,
+                      gpu_memory_bytes=80 * 1024**3)
     # the override lets it through
-    plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml", "parallel.tensor=1", "memory.enforce=false"), world,
+    plan = check_memory_plan(config("tsdkd_70b_to_7b.yaml", *CO_LOCATED_TP1, "memory.enforce=false"), world,
                              student, teacher, gpu_memory_bytes=80 * 1024**3)
     assert not plan.fits and plan.largest_item().name == "teacher weights"
 
@@ -121,6 +141,171 @@ def test_tied_output_layer_is_a_copy_only_with_pipeline_stages():
     one_stage = stage_parameters(s, 2, 1, 0, 152064)
     two = [stage_parameters(s, 2, 2, st, 152064) for st in (0, 1)]
     assert sum(two) == one_stage + embedding
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A teacher with its own layout (parallel.teacher.*): its memory, the layout search, the placement rule's refusals
+
+def _own_plan(student_tp, student_pp, teacher_tp, teacher_pp, **inputs):
+    """72B -> 7B on 16 GPUs, on-policy with our decode, at the given layouts."""
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, plan_memory
+
+    values = dict(tp=student_tp, pp=student_pp, teacher_tp=teacher_tp, teacher_pp=teacher_pp, world_size=16,
+                  micro_batch=2, global_batch=128, seq_len=1024, rollout=True, rollout_len=1024)
+    values.update(inputs)
+    return plan_memory(spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct"), PlanInputs(**values))
+
+
+def test_own_teacher_layout_memory():
+    """Teacher weights per GPU scale with 1 / (TP_t x PP_t) and leave the output layer out; its copy, V / TP_s rows
+    of h_t, sits on the student's last stage with the stashed hidden states (rows x seq x h_t), the hidden states of
+    all g served replicas on the teacher's last stage; a column per (student stage, teacher stage) pair."""
+    from megatron_tsdkd.planning.memory_plan import stage_parameters, total_parameters
+
+    teacher = spec_of("Qwen2.5-72B-Instruct")
+    h_t, bf16 = teacher.hidden_size, 2
+    without_head = total_parameters(teacher) - teacher.vocab_size * h_t   # untied: the output layer is its own
+    weights = {}
+    for tp_t, pp_t in [(8, 1), (8, 2), (4, 4), (2, 8)]:
+        plan = _own_plan(2, 1, tp_t, pp_t)
+        vocab = plan.padded_vocab
+        assert vocab == 152576 if tp_t == 8 else vocab == 152064        # padded for lcm(TP_s, TP_t)
+        assert plan.teacher_has_own_layout and plan.columns == [(0, t) for t in range(pp_t)]
+        row = plan.row("teacher weights").bytes_per_stage
+        for (_, t), count in zip(plan.columns, plan.teacher_params):
+            assert count == stage_parameters(teacher, tp_t, pp_t, t, vocab, head=False)
+        # every stage's shard, times TP_t: the whole teacher but its output layer (replicated norms aside)
+        assert abs(sum(plan.teacher_params) * tp_t - without_head) < 1e-3 * without_head
+        last = stage_parameters(teacher, tp_t, pp_t, pp_t - 1, vocab)
+        assert plan.teacher_params[-1] == last - vocab // tp_t * h_t
+        weights[tp_t, pp_t] = max(row)
+        head = plan.row("teacher output layer, re-sharded").bytes_per_stage
+        assert head == [vocab // 2 * h_t * bf16] * pp_t      # every GPU is on the student's (only) stage
+        rows, g = 128 // 8, tp_t * pp_t // 2                  # a replica's rows per step; replicas served
+        served = plan.row("teacher hidden states, all served").bytes_per_stage
+        stashed = plan.row("teacher hidden states, stashed").bytes_per_stage
+        assert served == [0] * (pp_t - 1) + [g * rows * 1024 * h_t * bf16]
+        assert stashed == [rows * 1024 * h_t * bf16] * (pp_t - 1) + [0]   # on the last: a slice of the served
+        assert all(r.phase == "train" for r in (plan.row("teacher hidden states, all served"),
+                                                plan.row("teacher hidden states, stashed")))
+    assert abs(weights[8, 2] / weights[8, 1] - 0.5) < 0.02   # twice the ranks per replica: half the weights
+    assert abs(weights[4, 4] / weights[8, 1] - 0.5) < 0.05
+    # a student of two stages: the head copy and the stash only where its last stage is
+    plan = _own_plan(1, 2, 8, 2)
+    assert plan.columns == [(0, 0), (1, 1)]   # rank r: student stage r // 8, teacher stage r mod 16 // 8
+    assert plan.row("teacher output layer, re-sharded").bytes_per_stage == [0, plan.padded_vocab * 8192 * 2]
+    assert plan.row("teacher hidden states, stashed").bytes_per_stage == [0, 0]   # its last stage is the teacher's
+    assert plan.row("teacher hidden states, all served").bytes_per_stage == [0, 8 * 16 * 1024 * 8192 * 2]
+    table = plan.table()
+    assert "student TP=1 PP=2 DP=8, teacher TP=8 PP=2 DP=1 on its own process groups (serving 8 student " \
+           "replicas)" in table and "S1 / T1" in table and re.search(r"worst S\d / T\d at ", table)
+    # no teacher activations ride in the student's pipeline: the student's row is the student-only plan's
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, plan_memory
+
+    alone = plan_memory(spec_of("Qwen2.5-7B-Instruct"), None, PlanInputs(
+        tp=1, pp=2, world_size=16, micro_batch=2, global_batch=128, seq_len=1024, rollout=True, rollout_len=1024))
+    assert plan.row("student activations").bytes_per_stage == alone.row("student activations").bytes_per_stage
+
+
+def test_the_same_layout_is_co_located_and_planned_as_before():
+    """parallel.teacher set to the student's own sizes is the co-located plan, row for row (no head copy, no
+    handoff); parallel.teacher.colocated=false at that layout plans the teacher's own path."""
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, inputs_from_config, plan_memory
+
+    student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
+    shipped = ["parallel.tensor=4", "parallel.pipeline=2", "batch.micro_size=8"]
+    default = inputs_from_config(config("tsdkd_70b_to_7b.yaml", *shipped, *UNSET_TEACHER_LAYOUT), 16)
+    same = inputs_from_config(config("tsdkd_70b_to_7b.yaml", *shipped, "parallel.teacher.tensor=4",
+                                     "parallel.teacher.pipeline=2"), 16)
+    assert default == same and default.teacher_tp is None
+    plans = [plan_memory(student, teacher, i) for i in (default, same)]
+    assert [(r.name, r.bytes_per_stage) for r in plans[0].rows] == [(r.name, r.bytes_per_stage) for r in plans[1].rows]
+    assert not plans[0].teacher_has_own_layout and plans[0].columns == [(0, 0), (1, 1)]
+    assert not any(r.name.startswith(("teacher output layer", "teacher hidden states")) for r in plans[0].rows)
+    assert round(max(plans[0].peaks) / 1024**3, 1) == 58.7       # README: the co-located 72B -> 7B at micro-batch 8
+    own = plan_memory(student, teacher, PlanInputs(**{**default.__dict__, "pp": 1, "teacher_colocated": False}))
+    assert own.teacher_has_own_layout and own.row("teacher output layer, re-sharded") and own.columns == [(0, 0)]
+    with pytest.raises(ValueError, match=r"^parallel\.teacher: a teacher replica \(4 x 2 = 8 consecutive ranks\)"):
+        plan_memory(student, teacher, PlanInputs(**{**default.__dict__, "teacher_colocated": False}))   # DP=2, PP=2
+
+
+def test_layout_search_order_and_rule(capsys):
+    """tsdkd-plan --search: every layout listed fits, splits both models and obeys the placement rule; best first
+    (student replicas, then micro-batch, then headroom); the shipped 72B -> 7B config is the best, and today's
+    co-located TP=4 x PP=2 is listed below every layout with more replicas."""
+    from megatron_tsdkd.commands.plan import main
+    from megatron_tsdkd.models.hf_config import check_parallel_layout
+    from megatron_tsdkd.planning.layout_search import candidate_layouts
+    from megatron_tsdkd.planning.memory_gate import search_for_config
+    from megatron_tsdkd.planning.placement import Layout, placement_problem
+
+    student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
+    cfg = config("tsdkd_70b_to_7b.yaml")
+    choices, checked = search_for_config(cfg, 16, student, teacher, 80, ranks_per_node=8)
+    assert 1 < len(choices) < checked
+    for c in choices:
+        assert c.plan.fits and c.plan.inputs.tp == c.student.tensor and c.plan.inputs.pp == c.student.pipeline
+        assert c.student.tensor <= 8 and c.teacher.tensor <= 8
+        if c.co_located:
+            assert c.teacher == c.student
+        else:
+            assert placement_problem(c.student, c.teacher.tensor, c.teacher.pipeline, 8) is None
+        check_parallel_layout(student, c.student.tensor, c.student.pipeline, padded_vocab=c.plan.padded_vocab)
+        check_parallel_layout(teacher, c.teacher.tensor, c.teacher.pipeline, padded_vocab=c.plan.padded_vocab)
+    keys = [(-c.student.data_parallel, -c.plan.inputs.micro_batch, -(c.plan.headroom // 1024**3)) for c in choices]
+    assert keys == sorted(keys)
+    best = choices[0]
+    assert (best.student, best.teacher) == (Layout(cfg.parallel.tensor, cfg.parallel.pipeline, 16),
+                                            Layout(cfg.parallel.teacher.tensor, cfg.parallel.teacher.pipeline, 16))
+    assert best.student.data_parallel == 8
+    today = next(n for n, c in enumerate(choices) if c.co_located and (c.student.tensor, c.student.pipeline) == (4, 2))
+    assert choices[today].student.data_parallel == 2
+    assert all(c.student.data_parallel <= 2 for c in choices[today:])   # every layout with more replicas before it
+    # a pair that splits a student replica, or a tensor-parallel group wider than a node, is never a candidate
+    pairs = candidate_layouts(student, teacher, 16, 4)
+    assert all(t.tensor <= 4 and s.tensor <= 4 for s, t in pairs)
+    assert (Layout(2, 2, 16), Layout(4, 1, 16)) not in pairs and (Layout(2, 1, 16), Layout(4, 1, 16)) in pairs
+
+    yaml = os.path.join(ROOT, "configs", "tsdkd_70b_to_7b.yaml")
+    main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "80", "--search"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  1 +2 x 1 +8 +8 x 2 +1 +own, serves 8 replicas +4 +[\d.]+ +[\d.]+$", out, re.M), out
+    assert f"best: {' '.join(best.overrides)}" in out
+    with pytest.raises(SystemExit) as none_fits:
+        main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "16", "--search"])
+    assert none_fits.value.code == 1 and "that fit 16 GiB: 0 of the" in capsys.readouterr().out
+
+
+def test_teacher_layout_refusals_name_parallel_teacher():
+    """The run plan refuses a teacher layout that breaks the placement rule or does not split the teacher, in one
+    line naming parallel.teacher (planning/run_plan.py teacher_layout)."""
+    from megatron_tsdkd.planning.inputs import PreflightError
+    from megatron_tsdkd.planning.placement import Layout
+    from megatron_tsdkd.planning.run_plan import teacher_layout
+
+    def refusal(student, tp_t, pp_t, ranks_per_node=8, teacher="Qwen2.5-72B-Instruct"):
+        cfg = config("tsdkd_70b_to_7b.yaml", f"parallel.tensor={student.tensor}",
+                     f"parallel.pipeline={student.pipeline}", f"parallel.teacher.tensor={tp_t}",
+                     f"parallel.teacher.pipeline={pp_t}")
+        with pytest.raises(PreflightError) as refused:
+            teacher_layout(cfg, student, spec_of(teacher), 152576, ranks_per_node)
+        message = str(refused.value)
+        assert message.startswith("parallel.teacher") and "\n" not in message, message
+        return message
+
+    assert refusal(Layout(1, 1, 12), 8, 1) == \
+        "parallel.teacher: tensor x pipeline = 8 x 1 = 8 does not divide the 12 processes started"
+    split = refusal(Layout(4, 1, 16), 2, 1)
+    assert split.startswith("parallel.teacher: a teacher replica (2 x 1 = 2 consecutive ranks) must hold whole "
+                            "student replicas (tensor 4 x pipeline 1), but the student replica on ranks [0, 1, 2, 3] "
+                            "spans two"), split
+    assert "holding every pipeline stage" in refusal(Layout(2, 2, 16), 8, 1)
+    assert refusal(Layout(1, 1, 16), 8, 1, ranks_per_node=4) == \
+        "parallel.teacher.tensor: 8 must divide the 4 ranks on each node (a tensor-parallel group never spans nodes)"
+    heads = refusal(Layout(1, 1, 16), 16, 1, ranks_per_node=16, teacher="Qwen2.5-14B-Instruct")
+    assert heads == "parallel.teacher: qwen2 model: 40 attention heads are not divisible by tensor parallel 16", heads
+    assert teacher_layout(config("tsdkd_70b_to_7b.yaml", "parallel.teacher.tensor=2", "parallel.teacher.pipeline=1"),
+                          Layout(2, 1, 16), spec_of("Qwen2.5-72B-Instruct"), 152576, 8) is None   # co-located
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,12 +561,13 @@ def test_zero_plan_verdicts_and_suggestion(capsys):
     from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     yaml14 = os.path.join(ROOT, "configs", "tsdkd_14b_to_1.5b.yaml")
-    main(["--config", yaml14, "--world-size", "8", "--gpu-memory-gib", "80", "engine=deepspeed"])
+    main(["--config", yaml14, "--world-size", "8", "--gpu-memory-gib", "80", "engine=deepspeed",
+          *UNSET_TEACHER_LAYOUT])
     out = capsys.readouterr().out
     assert "verdict: FITS" in out and "DeepSpeed ZeRO-3 over 8 GPUs" in out and "gathered largest block" in out
     student, teacher = spec_of("Qwen2.5-7B-Instruct"), spec_of("Qwen2.5-72B-Instruct")
-    bad = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", "deepspeed.zero_stage=2",
-           "deepspeed.teacher_zero3_inference=false"]
+    bad = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", *UNSET_TEACHER_LAYOUT,
+           "deepspeed.zero_stage=2", "deepspeed.teacher_zero3_inference=false"]
     with pytest.raises(MemoryPlanError) as refused:
         check_memory_plan(config("tsdkd_70b_to_7b.yaml", *bad), 8, student, teacher, gpu_memory_bytes=80 * 1024**3)
     message = str(refused.value)
@@ -545,7 +731,8 @@ def test_host_plan_of_the_deepspeed_engine_counts_its_loading_and_offloaded_stat
     from megatron_tsdkd.planning.memory_gate import check_memory_plan
 
     student, teacher = spec_of("Qwen2.5-1.5B-Instruct"), spec_of("Qwen2.5-14B-Instruct")
-    base = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", "memory.enforce=false"]
+    base = ["engine=deepspeed", "parallel.tensor=1", "parallel.pipeline=1", *UNSET_TEACHER_LAYOUT,
+            "memory.enforce=false"]
 
     def rows(*extra):
         plan = check_memory_plan(config("tsdkd_14b_to_1.5b.yaml", *base, *extra), 8, student, teacher,

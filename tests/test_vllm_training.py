@@ -64,10 +64,15 @@ def overrides(pair, ckpt, tb, *extra) -> list[str]:
             *extra]
 
 
+# the student at TP=1 x DP=2 (a vLLM replica per rank, each sampling its own prompts), the teacher at TP=2 on its
+# own process groups (engines/megatron/teacher_layout.py): vLLM rollouts on the student side of independent layouts
+OWN_TEACHER_LAYOUT = ("parallel.tensor=1", "parallel.teacher.tensor=2")
+
+
 def test_vllm_run_trains_and_resumes_exactly_after_kill_9(pair, runs, tmp_path):  # noqa: F811
     """One run killed with SIGKILL at step KILL_AT (its last checkpoint: step INTERVAL) is the reference for the
     steps it logged after that checkpoint; the resumed run must log exactly those losses, then train to the end."""
-    cut = runs(argv(pair, tmp_path / "ckpt", tmp_path / "cut_tb"), str(tmp_path / "cut"))
+    cut = runs(argv(pair, tmp_path / "ckpt", tmp_path / "cut_tb", *OWN_TEACHER_LAYOUT), str(tmp_path / "cut"))
 
     def killable():
         tb = tmp_path / "cut_tb"
@@ -75,10 +80,11 @@ def test_vllm_run_trains_and_resumes_exactly_after_kill_9(pair, runs, tmp_path):
 
     poll_until(killable, 240, f"step {KILL_AT} of the run to kill")
     cut.kill()   # SIGKILL to torchrun's process group: no handler runs
-    assert "rollouts on vLLM" in cut.output(), cut.output()[-3000:]
+    assert "rollouts on vLLM" in cut.output() and "teacher layout: TP=2 PP=1 DP=1" in cut.output(), cut.output()[-3000:]
     before = logged_losses(tmp_path / "cut_tb")
     assert_complete_latest(tmp_path / "ckpt", INTERVAL)
-    resumed = runs(argv(pair, tmp_path / "ckpt", tmp_path / "resumed_tb"), str(tmp_path / "resumed"))
+    resumed = runs(argv(pair, tmp_path / "ckpt", tmp_path / "resumed_tb", *OWN_TEACHER_LAYOUT),
+                   str(tmp_path / "resumed"))
     assert resumed.wait(300) == 0, resumed.output()[-3000:]
     after = logged_losses(tmp_path / "resumed_tb")
     assert sorted(after) == list(range(INTERVAL + 1, STEPS + 1))

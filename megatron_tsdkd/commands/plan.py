@@ -3,6 +3,11 @@ with ``--host-memory-gib`` also the host memory of one node (its ``--gpus-per-no
 
     tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80 [key=value ...]
     tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --host-memory-gib 1024
+    tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80 --search
+
+``--search`` lists every student (TP, PP) and teacher (TP, PP) of the world that splits both models, obeys the
+placement rule (planning/placement.py) and fits, best first: the most student replicas, then the most headroom
+(planning/layout_search.py); exit 1 when none fits.
 
 The world size comes from ``--world-size``, else ``--nodes`` x ``--gpus-per-node``, else the Slurm allocation; with
 none of them the command stops instead of silently planning for one model-parallel group. Model configs come from
@@ -42,13 +47,17 @@ def main(argv=None) -> None:
                              "memory.host_memory_gib; unset: no host plan)")
     parser.add_argument("--student-config", help="HF folder or config.json (default: models.student.path)")
     parser.add_argument("--teacher-config", help="HF folder or config.json (default: models.teacher.path)")
+    parser.add_argument("--search", action="store_true",
+                        help="list the student and teacher layouts of the world that fit, best first, instead of "
+                             "the config's plan")
     args = parser.parse_args(argv)
 
     from megatron_tsdkd.config import ConfigError, load_config
     from megatron_tsdkd.methods import method_class
     from megatron_tsdkd.planning.host_memory_plan import node_facts
     from megatron_tsdkd.planning.memory_plan import load_hf_spec
-    from megatron_tsdkd.planning.memory_gate import plan_for_config
+    from megatron_tsdkd.planning.layout_search import search_lines
+    from megatron_tsdkd.planning.memory_gate import plan_for_config, search_for_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -63,13 +72,30 @@ def main(argv=None) -> None:
         _fail("--world-size: how many GPUs will the job have? pass --world-size N (or --nodes N --gpus-per-node G)")
     host = args.host_memory_gib or cfg.memory.host_memory_gib
     node = node_facts(min(world, args.gpus_per_node), False, host) if host else None
-    try:
-        plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node)
-    except ValueError as error:
-        _fail(f"parallel layout: {error}")
+    per_node = min(world, args.gpus_per_node)
+    if args.search and cfg.engine != "megatron":
+        _fail("--search: lists engine=megatron layouts (engine=deepspeed has no tensor or pipeline parallelism)")
     print(f"student config: {where_s}")
     if teacher:
         print(f"teacher config: {where_t}")
+    if args.search:
+        choices, checked = search_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
+                                             ranks_per_node=per_node)
+        gib = cfg.memory.gpu_memory_gib if args.gpu_memory_gib is None else args.gpu_memory_gib
+        print("\n".join(search_lines(choices, world, per_node, checked, gib)))
+        if choices:
+            print(f"best: {' '.join(choices[0].overrides)}")
+            return
+        _, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
+                                        ranks_per_node=per_node)
+        if suggestion:
+            print(f"suggestion: {suggestion}")
+        raise SystemExit(1)
+    try:
+        plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
+                                           ranks_per_node=per_node)
+    except ValueError as error:
+        _fail(f"parallel layout: {error}")
     print(plan.table())
     if not plan.fits:
         print(f"suggestion: {suggestion}")

@@ -5,8 +5,8 @@
     tsdkd-train --config X.yaml [key=value ...] --dry-run        validate, preflight, memory plan; build nothing
 
 ``--dry-run`` checks what a launch would: the config, every input (check_inputs: models, tokenizer, data, output
-folders, resume) and the memory plan, for the world the job would start (``WORLD_SIZE``, else parallel.tensor x
-parallel.pipeline). It starts no process group and builds no model, prints the start-up summary and the plan
+folders, resume) and the memory plan, for the world the job would start (``WORLD_SIZE``, else the smallest world the
+student's and the teacher's replicas fill). It starts no process group and builds no model, prints the start-up summary and the plan
 table on stdout, and exits 0; or exits 2 with exactly one line ``error: ...`` on stderr (everything else it prints,
 library warnings included, goes to stdout), so a launcher can run it before torchrun and show that line.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -44,13 +45,17 @@ def configure_logging(stream=None) -> None:
 
 def dry_run(cfg) -> None:
     """Everything a launch checks before its first collective, for the world it would start (``WORLD_SIZE`` and
-    ``LOCAL_WORLD_SIZE`` as the launcher would set them, else parallel.tensor x parallel.pipeline on one node);
+    ``LOCAL_WORLD_SIZE`` as the launcher would set them, else the smallest world both models' replicas fill: the
+    student's tensor x pipeline, and the teacher's when it has a layout of its own, on one node);
     prints the summary and the memory plan. Raises the same errors a launch would (PreflightError,
     MemoryPlanError, ...)."""
+    from megatron_tsdkd.config import teacher_layout_of
     from megatron_tsdkd.engines.metrics import startup_summary
     from megatron_tsdkd.planning.run_plan import preflight
 
-    world = int(os.environ.get("WORLD_SIZE") or cfg.parallel.tensor * cfg.parallel.pipeline)
+    teacher = teacher_layout_of(cfg.parallel)
+    world = int(os.environ.get("WORLD_SIZE") or math.lcm(cfg.parallel.tensor * cfg.parallel.pipeline,
+                                                          teacher[0] * teacher[1]))
     inputs, plan = preflight(cfg, world_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE") or world))
     for line in startup_summary(cfg, inputs, plan, start_step=plan.resume_step):
         print(line)
@@ -69,7 +74,8 @@ def main(argv=None) -> None:
     mode.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     mode.add_argument("--dry-run", action="store_true",
                       help="validate the config, check every input and plan the memory for the world it would run "
-                           "at (WORLD_SIZE, else parallel.tensor x parallel.pipeline); build nothing, exit 0 or 2")
+                           "at (WORLD_SIZE, else the smallest world the student's and teacher's replicas fill); build "
+                           "nothing, exit 0 or 2")
     args = parser.parse_args(argv)
     from megatron_tsdkd.config import ConfigError, load_config
 

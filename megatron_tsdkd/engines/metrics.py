@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_tsdkd.config import default_config, to_dict
+from megatron_tsdkd.planning.placement import replicas_served
 from megatron_tsdkd.planning.run_config import config_yaml, flat_config
 from megatron_tsdkd.runtime.collectives import all_reduce_values, broadcast_values
 from megatron_tsdkd.runtime.device_choices import device_kind, peak_memory as measured
@@ -293,6 +294,13 @@ def startup_summary(cfg, inputs, plan, start_step: int = 0) -> list[str]:
         f"layout: TP={lay.tensor} PP={lay.pipeline} DP={lay.data_parallel}, world size {lay.world_size}; {micro} "
         f"micro-batch{'es' if micro != 1 else ''} of {plan.micro_size} sequences per step on each data-parallel "
         f"rank (global batch {b.global_size})",
+    ]
+    if plan.teacher_has_own_layout:
+        t, g = plan.teacher_layout, replicas_served(plan.layout, plan.teacher_layout)
+        lines.append(f"teacher layout: TP={t.tensor} PP={t.pipeline} DP={t.data_parallel} on its own process groups "
+                     f"(each replica serves {g} student replica{'s' if g != 1 else ''}; final hidden states handed "
+                     f"to the student's last stage, its output layer re-sharded over the student's TP)")
+    lines += [
         f"memory plan {plan.memory.verdict()}",
     ]
     if plan.memory.host is not None:

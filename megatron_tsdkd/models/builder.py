@@ -1,11 +1,12 @@
 """HF config -> megatron-core TransformerConfig and GPTModel (local layer spec, no Apex; the core attention is
 chosen by ``attention_backend``, see attention.py).
 
-The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron
-parallel_state. Weights are random (or uninitialised with ``perform_initialization=False``); load them with
-``load_hf_weights`` or ``load_mcore_weights``; their names are the same for every attention backend. Nothing here
-depends on the device: every tensor is placed on this rank's device (runtime/placement.py) and split weights are
-marked tensor-parallel by ``mark_tensor_parallel_weights`` on every path, whatever the build flags.
+The model is built for THIS rank's pipeline stage and tensor-parallel shard, as laid out by megatron parallel_state,
+or by process groups of its own (``groups``: a teacher with its own layout). Weights are random (or uninitialised
+with ``perform_initialization=False``); load them with ``load_hf_weights`` or ``load_mcore_weights``; their names
+are the same for every attention backend. Nothing here depends on the device: every tensor is placed on this rank's
+device (runtime/placement.py) and split weights are marked tensor-parallel by ``mark_tensor_parallel_weights`` on
+every path, whatever the build flags.
 
 Activation recompute (``recompute``) maps onto TransformerConfig:
     none       nothing recomputed
@@ -53,14 +54,22 @@ def _spec(hf_config) -> ArchSpec:
     return hf_config if isinstance(hf_config, ArchSpec) else arch_spec(hf_config)
 
 
-def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, **overrides):
-    """A megatron TransformerConfig equal in numerics to the HF model; TP/PP sizes come from parallel_state."""
+def _group_sizes(groups) -> tuple[int, int]:
+    """(TP, PP) of ``groups`` (a ProcessGroupCollection), or of megatron's parallel_state when None."""
+    if groups is not None:
+        return groups.tp.size(), groups.pp.size()
     from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+
+
+def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, groups=None, **overrides):
+    """A megatron TransformerConfig equal in numerics to the HF model; TP/PP sizes come from ``groups`` (a
+    ProcessGroupCollection: a model on process groups of its own) or else parallel_state."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = _spec(hf_config)
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
+    tp, pp = _group_sizes(groups)
     check_parallel_layout(spec, tp, pp)
     kwargs = dict(
         num_layers=spec.num_layers,
@@ -145,31 +154,34 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
 
 def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_vocab_size: Optional[int] = None,
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                attention_backend: str = "auto", recompute: str = "none", **config_overrides):
+                attention_backend: str = "auto", recompute: str = "none", groups=None, **config_overrides):
     """This rank's stage of a GPTModel laid out like ``hf_config``; vocab padded for TP unless given.
     ``attention_backend``: one of attention.ATTENTION_BACKENDS ('auto': TE if importable on GPU, else SDPA on GPU,
-    else local). ``recompute``: one of RECOMPUTE_MODES. ``config_overrides`` (TransformerConfig fields) win."""
+    else local). ``recompute``: one of RECOMPUTE_MODES. ``groups``: megatron-core's ProcessGroupCollection of a
+    model laid out on process groups of its own (tp, pp, cp, embd, pos_embd; engines/megatron/teacher_layout.py),
+    else parallel_state's. ``config_overrides`` (TransformerConfig fields) win."""
     backend = resolve_attention_backend(attention_backend)   # both checked before anything is imported or built
     overrides = {**recompute_overrides(recompute), **config_overrides}
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     spec = _spec(hf_config)
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp, pp = _group_sizes(groups)
     vocab = padded_vocab_size if padded_vocab_size is not None else _default_padded(spec.vocab_size, tp)
-    check_parallel_layout(spec, tp, ps.get_pipeline_model_parallel_world_size(), padded_vocab=vocab)
+    check_parallel_layout(spec, tp, pp, padded_vocab=vocab)
     with warnings.catch_warnings():
         if backend != "te":  # megatron warns that TE's fused attention needs no core_attn recompute: not ours
             warnings.filterwarnings("ignore", message="If you are using transformer_engine")
-        config = transformer_config_from_hf(spec, params_dtype=params_dtype, **overrides)
+        config = transformer_config_from_hf(spec, params_dtype=params_dtype, groups=groups, **overrides)
     layer_spec = attention_layer_spec(backend, spec)
+    stage, stages = _stage(groups)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=vocab,
         max_sequence_length=spec.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+        pre_process=stage == 0 if pre_process is None else pre_process,
+        post_process=stage == stages - 1 if post_process is None else post_process,
+        pg_collection=groups,
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=spec.rope_theta,
@@ -190,6 +202,15 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
     place_model(model)
     mark_tensor_parallel_weights(model)
     return model
+
+
+def _stage(groups) -> tuple[int, int]:
+    """(this rank's pipeline stage, stages) in ``groups`` or parallel_state."""
+    if groups is not None:
+        return groups.pp.rank(), groups.pp.size()
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
 
 
 _default_padded = padded_vocab_size  # build_model's keyword shadows the function's name

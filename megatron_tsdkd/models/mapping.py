@@ -178,13 +178,13 @@ def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Seque
 
 
 def model_layouts(model, spec: ArchSpec, tp_rank: int | None = None) -> list[ShardLayout]:
-    """``stage_layouts`` for a built GPTModel stage, on this rank (or on ``tp_rank`` of its TP group)."""
-    from megatron.core import parallel_state as ps
-
+    """``stage_layouts`` for a built GPTModel stage, on this rank (or on ``tp_rank`` of its TP group): the model's
+    own tensor-parallel group (parallel_state's unless it was built on groups of its own)."""
+    tp_group = model.pg_collection.tp
     return stage_layouts(
         spec,
-        tp_rank=ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank,
-        tp=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=tp_group.rank() if tp_rank is None else tp_rank,
+        tp=tp_group.size(),
         layer_numbers=[layer.layer_number - 1 for layer in model.decoder.layers],
         pre_process=model.pre_process,
         post_process=model.post_process,

@@ -26,8 +26,10 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 
 def model_sharded_state_dict(model) -> dict:
-    """``{MODEL_KEY: model.sharded_state_dict()}``: the piece of a checkpoint that holds the weights."""
-    return {MODEL_KEY: model.sharded_state_dict()}
+    """``{MODEL_KEY: model.sharded_state_dict()}``: the piece of a checkpoint that holds the weights. The replicas
+    are counted over the model's own data-parallel group (megatron takes parallel_state's unless told), so a model
+    on process groups of its own (a teacher with its own layout) reads its shards too."""
+    return {MODEL_KEY: model.sharded_state_dict(metadata={"dp_cp_group": model.pg_collection.dp_cp})}
 
 
 def copy_hf_meta(src_dir: str, dst_dir: str) -> list[str]:

@@ -8,11 +8,12 @@ batches once the groups are up.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_tsdkd.config import TrainConfig
+from megatron_tsdkd.config import TrainConfig, teacher_layout_of
 from megatron_tsdkd.data import ChatDataset, ChatTemplateTokenizer, DataFormatError, TokenizedExample, load_chat_dataset
 from megatron_tsdkd.data.token_cache import resolve_cache_dir
 from megatron_tsdkd.kpod.samples import check_schedule_settings, load_kpod_dataset
@@ -50,10 +51,17 @@ def tokenizer_difference(a, b) -> Optional[str]:
     return None
 
 
-def _source(key: str, model_cfg, cfg: TrainConfig) -> ModelSource:
+def _source(key: str, model_cfg, layout: tuple[int, int], layout_key: str) -> ModelSource:
+    """The model at ``key``, split evenly by its (tensor, pipeline) ``layout`` (set by ``layout_key``)."""
     try:
         source = resolve_model_source(model_cfg.path, model_cfg.format)
-        check_parallel_layout(source.hf_config, cfg.parallel.tensor, cfg.parallel.pipeline)
+    except (ModelError, OSError) as error:
+        raise PreflightError(f"{key}: {error}") from None
+    try:
+        check_parallel_layout(source.hf_config, *layout)
+    except ModelError as error:
+        raise PreflightError(f"{layout_key}: {error} ({key}={model_cfg.path})") from None
+    try:
         source.check_weights()
     except (ModelError, OSError) as error:
         raise PreflightError(f"{key}: {error}") from None
@@ -93,10 +101,12 @@ def _hf_folders_only(student: ModelSource, teacher: Optional[ModelSource]) -> No
 
 def check_inputs(cfg: TrainConfig) -> RunInputs:
     """Read and check every input of ``cfg`` (it is not changed): model sources, tokenizer, token spec, data."""
-    student = _source("models.student.path", cfg.models.student, cfg)
+    p = cfg.parallel
+    student = _source("models.student.path", cfg.models.student, (p.tensor, p.pipeline), "parallel")
     teacher = None
     if method_class(cfg.method.name).needs_teacher:
-        teacher = _source("models.teacher.path", cfg.models.teacher, cfg)
+        teacher_key = "parallel.teacher" if teacher_layout_of(p) != (p.tensor, p.pipeline) else "parallel"
+        teacher = _source("models.teacher.path", cfg.models.teacher, teacher_layout_of(p), teacher_key)
     if cfg.engine == "deepspeed":
         _hf_folders_only(student, teacher)
     try:
@@ -112,7 +122,10 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
         if difference:
             raise PreflightError(f"models.teacher.path: the teacher's tokenizer differs from the student's: {difference}")
     try:
-        tokens = token_spec(chat, [s for s in (student, teacher) if s is not None], cfg.parallel.tensor)
+        # every model's vocabulary shards are equal at both tensor-parallel sizes (the teacher's head is re-sharded
+        # over the student's, engines/megatron/teacher_layout.py)
+        tokens = token_spec(chat, [s for s in (student, teacher) if s is not None],
+                            math.lcm(p.tensor, teacher_layout_of(p)[0]))
     except ModelError as error:
         raise PreflightError(f"models: {error}") from None
     mode = "on_policy" if cfg.rollout.on_policy_prob >= 1.0 else "off_policy"  # off-policy steps need responses

@@ -1,4 +1,5 @@
-"""Per-rank GPU memory plan of a co-located teacher/student layout, before anything is allocated.
+"""Per-rank GPU memory plan of a teacher/student layout, before anything is allocated: the teacher co-located in the
+student's pipeline stages (the same TP x PP), or on a layout of its own (``parallel.teacher.*``).
 
 Parameter counts are exact per rank: they are read off the HF <-> megatron mapping (models/mapping.py), which lists
 every parameter shard of every stage as megatron-core's GPTModel allocates it (embedding on the first pipeline
@@ -7,6 +8,14 @@ column/row-parallel weights sliced over TP, norms replicated, the vocabulary pad
 choices (fp32 gradient buffer, Adam moments and fp32 master weights, sharded over data-parallel ranks with the
 distributed optimizer). Activations, KV cache and loss buffers are estimates from tensor shapes (stated below), and
 a fixed reserve covers the CUDA context, NCCL buffers and allocator slack.
+
+A teacher on its own layout (engines/megatron/teacher_layout.py) runs forward only, before the student's 1F1B, over
+the micro-batches of the g = (TP_t x PP_t) / (TP_s x PP_s) student replicas it serves. Per GPU: its weights at
+TP_t x PP_t without the output layer; on the student's last stage a copy of that output layer re-sharded to V / TP_s
+rows, and the teacher's final hidden states of the rank's rows for the whole step (rows x sequence x h_t); on the
+teacher's last stage the hidden states of all g replicas before they are handed over; one forward-only micro-batch
+of teacher activations (the layer working set). A GPU holds one student stage and one teacher stage, so the plan has
+a column per pair that occurs (placement.py ``stage_pairs``); co-located, a column per stage, as before.
 
 ``tsdkd-plan --config configs/tsdkd_70b_to_7b.yaml --world-size 16 --gpu-memory-gib 80`` (commands/plan.py) prints
 the table;
@@ -18,15 +27,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Optional
 
+from megatron_tsdkd.config import teacher_layout_of
 from megatron_tsdkd.methods import method_class
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout, read_hf_config
 from megatron_tsdkd.models.mapping import stage_layouts
 from megatron_tsdkd.models.token_spec import shared_padded_vocab
 from megatron_tsdkd.planning.host_memory_plan import HostPlan
+from megatron_tsdkd.planning.placement import Layout, placement_problem, replicas_served, stage_pairs
 
 GIB = 1024**3
 GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
@@ -48,16 +59,19 @@ class MemoryPlanError(ValueError):
 
 
 @lru_cache(maxsize=4096)
-def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int) -> int:
+def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int,
+                       head: bool = True) -> int:
     """Parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank, counted from the
-    mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied."""
+    mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied. ``head``:
+    whether the last stage keeps its output layer (a teacher on its own layout does not)."""
     def count(layouts) -> int:
         return sum(math.prod(layout.shard_shape) for layout in layouts)
 
     layer = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[0], pre_process=False, post_process=False,
                                 padded_vocab=padded_vocab, has_output_weight=False))
     ends = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[], pre_process=first, post_process=last,
-                               padded_vocab=padded_vocab, has_output_weight=last and not (spec.tie_embeddings and first)))
+                               padded_vocab=padded_vocab,
+                               has_output_weight=head and last and not (spec.tie_embeddings and first)))
     return layers * layer + ends
 
 
@@ -66,10 +80,17 @@ def layer_parameters(spec: ArchSpec, tp: int, padded_vocab: int) -> int:
     return _mapped_parameters(spec, tp, 1, False, False, padded_vocab)
 
 
-def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
+def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int, head: bool = True) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them. All
-    are in the model's dtype (models/builder.py gives the norms that dtype too)."""
-    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab)
+    are in the model's dtype (models/builder.py gives the norms that dtype too). ``head=False``: without the output
+    layer (a teacher on its own layout hands its final hidden states over instead)."""
+    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab, head)
+
+
+def head_copy_parameters(teacher: ArchSpec, student_tp: int, padded_vocab: int) -> int:
+    """The teacher's output layer re-sharded over the student's tensor-parallel group: V / TP_s rows of h_t on
+    each of the student's last-stage ranks (engines/megatron/teacher_layout.py)."""
+    return padded_vocab // student_tp * teacher.hidden_size
 
 
 def total_parameters(spec: ArchSpec) -> int:
@@ -99,10 +120,27 @@ class PlanInputs:
     weight_sync_bucket_bytes: int = 256 << 20   # the replica's weight sync buckets (rollout.weight_sync_bucket_mb)
     chunk_size: int = 1024        # tokens per chunk in the vocab-parallel losses
     gpu_memory_gib: float = 80.0
+    teacher_tp: Optional[int] = None   # the teacher's own layout (parallel.teacher.*); None: the student's
+    teacher_pp: Optional[int] = None
+    teacher_colocated: bool = True     # in the student's layout: in its stages (true) or on groups of its own
 
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
+
+    @property
+    def student_layout(self) -> Layout:
+        return Layout(self.tp, self.pp, self.world_size)
+
+    @property
+    def teacher_layout(self) -> Layout:
+        return Layout(self.teacher_tp or self.tp, self.teacher_pp or self.pp, self.world_size)
+
+    @property
+    def teacher_on_own_groups(self) -> bool:
+        """A teacher runs on process groups of its own with its own forward pass (engines/megatron/teacher_layout.py):
+        its TP x PP differs from the student's, or parallel.teacher.colocated=false."""
+        return self.teacher_layout != self.student_layout or not self.teacher_colocated
 
     @property
     def micro_batches(self) -> int:
@@ -132,6 +170,19 @@ class MemoryPlan:
     def capacity(self) -> int:
         return int(self.inputs.gpu_memory_gib * GIB)
 
+    @property
+    def teacher_has_own_layout(self) -> bool:
+        return self.teacher is not None and self.inputs.teacher_on_own_groups
+
+    @cached_property
+    def columns(self) -> list[tuple[int, int]]:
+        """(student stage, teacher stage) of each kind of GPU, the order of every ``bytes_per_stage``."""
+        return plan_columns(self.inputs, self.teacher_has_own_layout)
+
+    def column_name(self, index: int) -> str:
+        s, t = self.columns[index]
+        return f"S{s} / T{t}" if self.teacher_has_own_layout else f"stage {s}"
+
     def peak(self, stage: int) -> int:
         """Static memory plus the larger of the training and rollout phases (they never overlap)."""
         total = {"static": 0, "train": 0, "rollout": 0}
@@ -141,7 +192,7 @@ class MemoryPlan:
 
     @property
     def peaks(self) -> list[int]:
-        return [self.peak(s) for s in range(self.inputs.pp)]
+        return [self.peak(c) for c in range(len(self.columns))]
 
     @property
     def worst_stage(self) -> int:
@@ -151,6 +202,11 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         return max(self.peaks) <= self.capacity
+
+    @property
+    def headroom(self) -> int:
+        """Bytes left on the fullest GPU (negative: over)."""
+        return self.capacity - max(self.peaks)
 
     def largest_item(self, stage: Optional[int] = None) -> Row:
         stage = self.worst_stage if stage is None else stage
@@ -162,22 +218,30 @@ class MemoryPlan:
     # ---- text ----
     def layout_line(self) -> str:
         i = self.inputs
-        return (f"TP={i.tp} PP={i.pp} DP={i.dp} (world {i.world_size}), micro-batch {i.micro_batch} x "
+        where = f"TP={i.tp} PP={i.pp} DP={i.dp}"
+        if self.teacher_has_own_layout:
+            t = i.teacher_layout
+            where = (f"student {where}, teacher TP={t.tensor} PP={t.pipeline} DP={t.data_parallel} on its own process "
+                     f"groups (serving {_replicas(replicas_served(i.student_layout, t))})")
+        elif self.teacher:
+            where = f"student and teacher (co-located) {where}"
+        return (f"{where} (world {i.world_size}), micro-batch {i.micro_batch} x "
                 f"{i.micro_batches} per step (global {i.global_batch}), sequence {i.seq_len}, {i.dtype}, "
                 f"distributed optimizer {'on' if i.distributed_optimizer else 'off'}, "
                 f"recompute {i.recompute}, attention {'local (scores kept)' if i.attention_scores else 'fused'}")
 
     def table(self) -> str:
-        i = self.inputs
-        stages = list(range(i.pp))
-        shown = stages if i.pp <= 8 else [0, 1, i.pp - 2, i.pp - 1]
-        names = [f"stage {s}" for s in shown]
+        count = len(self.columns)
+        shown = list(range(count)) if count <= 8 else [0, 1, count - 2, count - 1]
+        names = [self.column_name(c) for c in shown]
         width = max(len(r.name) + (len(r.note) + 3 if r.note else 0) for r in self.rows) + 2
         width = max(width, 34)
         lines = [
             f"student: {_describe(self.student)}",
             f"teacher: {_describe(self.teacher) if self.teacher else 'none'}",
             f"layout:  {self.layout_line()}; padded vocabulary {self.padded_vocab}",
+            *(["columns: the GPUs holding student pipeline stage S and teacher pipeline stage T"]
+              if self.teacher_has_own_layout else []),
             "",
             f"{'per rank, GiB':<{width}}" + "".join(f"{n:>15}" for n in names),
             f"{'  student parameters (exact)':<{width}}" + "".join(f"{self.student_params[s]:>15,}" for s in shown),
@@ -204,12 +268,23 @@ class MemoryPlan:
     def verdict(self) -> str:
         worst = self.worst_stage
         peak = self.peak(worst)
+        where = self.column_name(worst)
         if self.fits:
-            return (f"verdict: FITS, worst stage {worst} at {peak / GIB:.1f} of {self.capacity / GIB:.0f} GiB "
+            return (f"verdict: FITS, worst {where} at {peak / GIB:.1f} of {self.capacity / GIB:.0f} GiB "
                     f"({(self.capacity - peak) / GIB:.1f} GiB headroom)")
         item = self.largest_item(worst)
-        return (f"verdict: DOES NOT FIT, stage {worst} needs {peak / GIB:.1f} GiB of {self.capacity / GIB:.0f} GiB; "
+        return (f"verdict: DOES NOT FIT, {where} needs {peak / GIB:.1f} GiB of {self.capacity / GIB:.0f} GiB; "
                 f"largest item: {item.name} ({item.bytes_per_stage[worst] / GIB:.1f} GiB)")
+
+
+def plan_columns(i: PlanInputs, own_teacher: bool) -> list[tuple[int, int]]:
+    """The kinds of GPU: (student stage, teacher stage) pairs with a teacher on its own groups
+    (placement.py ``stage_pairs``), else the student's stages (a co-located teacher's are the same)."""
+    return stage_pairs(i.student_layout, i.teacher_layout) if own_teacher else [(s, s) for s in range(i.pp)]
+
+
+def _replicas(count: int) -> str:
+    return f"{count} student replica{'s' if count != 1 else ''}"
 
 
 def _describe(spec: ArchSpec) -> str:
@@ -255,18 +330,30 @@ def layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int
 
 
 def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> MemoryPlan:
-    """The per-stage memory plan; raises ParallelLayoutError (a ValueError) if the layout cannot split the models."""
+    """The per-GPU memory plan, a column per kind of GPU (``MemoryPlan.columns``); raises ParallelLayoutError (a
+    ValueError) if the layout cannot split the models, ValueError if a teacher's own layout breaks the placement
+    rule (placement.py)."""
     i = inputs
     if i.world_size % (i.tp * i.pp):
         raise ValueError(f"world size {i.world_size} is not divisible by TP {i.tp} x PP {i.pp}")
     models = [student] + ([teacher] if teacher else [])
-    vocab = shared_padded_vocab(models, i.tp)
-    for spec in models:
-        check_parallel_layout(spec, i.tp, i.pp, padded_vocab=vocab)
+    own = teacher is not None and i.teacher_on_own_groups
+    t_lay = i.teacher_layout if own else i.student_layout
+    if own:
+        problem = placement_problem(i.student_layout, t_lay.tensor, t_lay.pipeline)
+        if problem:
+            raise ValueError(problem)
+    # both models' vocabulary shards equal at either tensor-parallel size (planning/inputs.py pads the same way)
+    vocab = shared_padded_vocab(models, math.lcm(i.tp, t_lay.tensor))
+    check_parallel_layout(student, i.tp, i.pp, padded_vocab=vocab)
+    if teacher:
+        check_parallel_layout(teacher, t_lay.tensor, t_lay.pipeline, padded_vocab=vocab)
     elem = DTYPES[i.dtype].itemsize
-    stages = range(i.pp)
-    s_params = [stage_parameters(student, i.tp, i.pp, s, vocab) for s in stages]
-    t_params = [stage_parameters(teacher, i.tp, i.pp, s, vocab) if teacher else 0 for s in stages]
+    columns = plan_columns(i, own)   # (student stage, teacher stage) of each kind of GPU
+    s_last = i.pp - 1
+    s_params = [stage_parameters(student, i.tp, i.pp, s, vocab) for s, _ in columns]
+    t_params = [stage_parameters(teacher, t_lay.tensor, t_lay.pipeline, t, vocab, head=not own) if teacher else 0
+                for _, t in columns]
     plan = MemoryPlan(i, student, teacher, vocab, s_params, t_params)
     rows = plan.rows
 
@@ -275,50 +362,71 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     shards = i.dp if i.distributed_optimizer else 1
     if teacher:
         rows.append(Row("teacher weights", [p * elem for p in t_params],
-                        note=f"{i.dtype}, frozen"))
+                        note=f"{i.dtype}, frozen" + (", no output layer" if own else "")))
+    if own:
+        head = head_copy_parameters(teacher, i.tp, vocab) * elem
+        rows.append(Row("teacher output layer, re-sharded", [head if s == s_last else 0 for s, _ in columns],
+                        note=f"V/{i.tp} rows on the student's last stage"))
     rows.append(Row("student weights", [p * elem for p in s_params], note=i.dtype))
     rows.append(Row("student gradients", [p * GRAD_BUFFER_BYTES for p in s_params], note="fp32 buffer"))
     opt_note = ("Adam moments" + (" + fp32 master" if i.dtype != "fp32" else "")
                 + (f", /{shards} over DP" if shards > 1 else ""))
     rows.append(Row("optimizer state", [-(-p * optimizer_bytes // shards) for p in s_params],
                     note=opt_note))
-    rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE] * i.pp))
+    rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE] * len(columns)))
 
     b, seq = i.micro_batch, i.seq_len
     tokens = b * seq
     layers = student.num_layers // i.pp
+    layouts = [(student, i.tp)] + ([(teacher, t_lay.tensor)] if teacher else [])
     activations, working, logits = [], [], []
-    for s in stages:
+    for s, _ in columns:
         in_flight = min(i.pp - s, i.micro_batches) if i.pp > 1 else 1      # 1F1B keeps PP - s micro-batches
-        ends = stage_end_activations(student, i.tp, tokens, elem, s == 0, s == i.pp - 1)
+        ends = stage_end_activations(student, i.tp, tokens, elem, s == 0, s == s_last)
         if i.recompute == "full":   # only each layer's input is kept; one layer is recomputed at a time
             kept = in_flight * (layers * tokens * student.hidden_size * elem + ends)
             kept += layer_saved_activations(student, i.tp, tokens, b, seq, elem, i.attention_scores)
         else:                       # selective recomputes the core attention: its probabilities are not kept
             scores = i.attention_scores and i.recompute == "none"
             kept = in_flight * (layers * layer_saved_activations(student, i.tp, tokens, b, seq, elem, scores) + ends)
-        if teacher and i.pp > 1:  # the teacher's hidden states travel with the student's between stages
+        if teacher and not own and i.pp > 1:  # co-located, the teacher's hidden states travel with the student's
             kept += in_flight * tokens * teacher.hidden_size * elem
         activations.append(kept)
-        working.append(max(layer_working_set(m, i.tp, tokens, b, seq, elem, i.attention_scores) for m in models))
-        last = s == i.pp - 1
+        # a teacher on its own layout runs one forward-only micro-batch at a time, before the student's pass
+        working.append(max(layer_working_set(m, tp, tokens, b, seq, elem, i.attention_scores) for m, tp in layouts))
         chunk = min(i.chunk_size, tokens)
         logits.append(((1 + len(models)) * tokens * (vocab // i.tp) * elem     # both models' logits + logit grad
-                       + LOSS_CHUNK_COPIES * chunk * (vocab // i.tp) * 4) if last else 0)
+                       + LOSS_CHUNK_COPIES * chunk * (vocab // i.tp) * 4) if s == s_last else 0)
     rows.append(Row("student activations", activations, "train",
                     note=f"recompute {i.recompute}, 1F1B in flight"))
     rows.append(Row("layer working set", working, "train", note="attention scores / MLP"))
     rows.append(Row("logits + loss chunk buffers", logits, "train", note=f"chunk {i.chunk_size}"))
+    if own:
+        rows.extend(teacher_hidden_state_rows(teacher, i, columns))
     if i.rollout and i.vllm_memory_fraction:
-        rows.extend(vllm_replica_rows(i, len(stages)))
+        rows.extend(vllm_replica_rows(i, len(columns)))
     elif i.rollout:
         batch = max(1, i.global_batch // i.dp)   # a rank samples all of its sequences of the step at once
         kv = [2 * layers * (student.num_query_groups // i.tp) * student.head_dim * batch * i.rollout_len * elem
-              for _ in stages]
+              for _ in columns]
         rows.append(Row("student KV cache", kv, "rollout", note=f"{batch} sequences x {i.rollout_len} tokens"))
-        gen_logits = [batch * (vocab // i.tp) * 4 * 2 if s == i.pp - 1 else 0 for s in stages]
+        gen_logits = [batch * (vocab // i.tp) * 4 * 2 if s == s_last else 0 for s, _ in columns]
         rows.append(Row("sampling logits", gen_logits, "rollout"))
     return plan
+
+
+def teacher_hidden_state_rows(teacher: ArchSpec, i: PlanInputs, columns: list[tuple[int, int]]) -> list[Row]:
+    """A teacher on its own layout hands over its final hidden states (rows x sequence x h_t per student replica,
+    the model's dtype): its last stage holds those of all g replicas it serves after its forward, each student
+    last-stage rank keeps its replica's for the whole step (where it is a teacher last-stage rank too, they are a
+    slice of the former). Both in the training step's phase, with the student's pass (an upper bound: the
+    teacher's forward comes first)."""
+    states = i.micro_batch * i.micro_batches * i.seq_len * teacher.hidden_size * DTYPES[i.dtype].itemsize
+    g, t_last = replicas_served(i.student_layout, i.teacher_layout), i.teacher_layout.pipeline - 1
+    return [Row("teacher hidden states, all served", [g * states if t == t_last else 0 for _, t in columns], "train",
+                note=f"{g} replicas, teacher's last stage"),
+            Row("teacher hidden states, stashed", [states if s == i.pp - 1 and t != t_last else 0 for s, t in columns],
+                "train", note="student's last stage, the step")]
 
 
 def vllm_replica_rows(i: PlanInputs, stages: int) -> list[Row]:
@@ -358,9 +466,13 @@ def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = N
     ``models.attention=auto`` is a fused kernel (TE or SDPA), so only ``local`` keeps attention scores.
     ``micro_batch``: the size to plan when ``batch.micro_size`` is auto (else the config's); ``vllm``: whether a
     replica samples, as the run plan resolved it (None: from the config, auto counting one)."""
-    r = cfg.rollout
+    r, p = cfg.rollout, cfg.parallel
+    teacher_tp, teacher_pp = teacher_layout_of(p)
+    own = (teacher_tp, teacher_pp) != (p.tensor, p.pipeline)   # else None: the student's, whatever that is
     return PlanInputs(
-        tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, world_size=world_size,
+        tp=p.tensor, pp=p.pipeline, world_size=world_size,
+        teacher_tp=teacher_tp if own else None, teacher_pp=teacher_pp if own else None,
+        teacher_colocated=p.teacher.colocated,
         micro_batch=micro_batch or cfg.batch.micro_size, global_batch=cfg.batch.global_size,
         seq_len=cfg.data.max_length,
         dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,

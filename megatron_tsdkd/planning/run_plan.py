@@ -16,15 +16,17 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_tsdkd.config import TrainConfig, to_dict
+from megatron_tsdkd.config import TrainConfig, teacher_layout_of, to_dict
 from megatron_tsdkd.generation.vllm_replica import unsupported_reason
 from megatron_tsdkd.methods import method_class
+from megatron_tsdkd.models import ModelError, check_parallel_layout
 from megatron_tsdkd.models.run_folder import CheckpointError, latest_checkpoint, step_of
 from megatron_tsdkd.planning.host_memory_plan import node_facts
 from megatron_tsdkd.planning.inputs import (PreflightError, RunInputs, check_inputs, launcher_ranks_per_node,
                                             launcher_world_size)
-from megatron_tsdkd.planning.memory_gate import check_memory_plan
+from megatron_tsdkd.planning.memory_gate import batch_split_problem, check_memory_plan
 from megatron_tsdkd.planning.memory_plan import MemoryPlan
+from megatron_tsdkd.planning.placement import Layout, placement_problem
 from megatron_tsdkd.planning.run_config import CONFIG_FILE, config_changes, describe, stored_config
 from megatron_tsdkd.runtime.device_choices import device_memory_bytes
 
@@ -36,21 +38,9 @@ ROLLOUT_BACKENDS = ("megatron", "co-generation", "vllm", "hf")
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Tensor x pipeline parallelism of one model; data parallelism fills the world."""
-    tensor: int
-    pipeline: int
-    world_size: int
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world_size // (self.tensor * self.pipeline)
-
-
-@dataclass(frozen=True)
 class RunPlan:
     engine: str                        # megatron | deepspeed
-    layout: Layout                     # the student's (and, today, the teacher's)
+    layout: Layout                     # the student's (the teacher's too unless it has its own)
     micro_size: int                    # batch.micro_size, resolved when auto
     micro_batches: int                 # per optimizer step on each data-parallel rank
     prompts_per_step: int              # the sampler's global batch: batch.global_size / rollout.num_samples
@@ -60,11 +50,19 @@ class RunPlan:
     on_policy_prob: float              # lambda
     memory: MemoryPlan                 # the device plan (and the node's host plan) for this layout
     resume_step: int = 0               # the step of ``resume_folder`` (0 for a fresh run)
+    # the teacher's layout when it runs on process groups of its own (engines/megatron/teacher_layout.py); None
+    # when it is co-located in the student's pipeline stages (engines/megatron/colocation.py)
+    teacher: Optional[Layout] = None
 
     @property
     def teacher_layout(self) -> Layout:
-        """The teacher's layout: the student's today (both share one megatron parallel_state)."""
-        return self.layout
+        """The teacher's layout: its own (parallel.teacher.*) or the student's."""
+        return self.teacher or self.layout
+
+    @property
+    def teacher_has_own_layout(self) -> bool:
+        """Whether the teacher runs on its own process groups and forward pass."""
+        return self.teacher is not None
 
     @property
     def rows_per_rank(self) -> int:
@@ -95,17 +93,35 @@ def layout(cfg: TrainConfig, world_size: int) -> Layout:
     return Layout(tp, pp, world_size)
 
 
+def teacher_layout(cfg: TrainConfig, student: Layout, teacher_spec, padded_vocab: int,
+                   ranks_per_node: Optional[int] = None) -> Optional[Layout]:
+    """The teacher's own layout from parallel.teacher.*, or None when it rides co-located in the student's
+    (its layout, and parallel.teacher.colocated).
+
+    The placement rule (placement.py ``placement_problem``): a teacher replica is ``tensor x pipeline`` consecutive
+    ranks (tensor fastest, then pipeline), and it serves exactly the student replicas whose ranks it holds, so each
+    must hold whole student replicas; its tensor-parallel group lies on one node. PreflightError names the key and
+    the rule broken."""
+    tp, pp = teacher_layout_of(cfg.parallel)
+    if (tp, pp) == (student.tensor, student.pipeline) and cfg.parallel.teacher.colocated:
+        return None
+    problem = placement_problem(student, tp, pp, ranks_per_node)
+    if problem:
+        raise PreflightError(problem)
+    try:
+        check_parallel_layout(teacher_spec, tp, pp, padded_vocab=padded_vocab)
+    except ModelError as error:
+        raise PreflightError(f"parallel.teacher: {error}") from None
+    return Layout(tp, pp, student.world_size)
+
+
 def check_batch_layout(cfg: TrainConfig, dp: int, micro_size: int) -> int:
     """The micro-batches per step on each data-parallel rank; PreflightError naming the batch keys when the global
     batch does not split into data-parallel ranks x micro-batches, or a rank's share into whole prompts."""
-    b = cfg.batch
-    if b.global_size % (dp * micro_size):
-        raise PreflightError(f"batch.global_size: {b.global_size} is not a multiple of data-parallel size {dp} x "
-                             f"batch.micro_size {micro_size}")
-    if (b.global_size // dp) % cfg.rollout.num_samples:
-        raise PreflightError(f"rollout.num_samples ({cfg.rollout.num_samples}) must divide the per-rank batch "
-                             f"({b.global_size // dp} sequences)")
-    return b.global_size // (dp * micro_size)
+    problem = batch_split_problem(cfg, dp, micro_size)   # memory_gate.py: the layout search asks it too
+    if problem:
+        raise PreflightError(problem)
+    return cfg.batch.global_size // (dp * micro_size)
 
 
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
@@ -207,11 +223,14 @@ def plan_run(cfg: TrainConfig, inputs: RunInputs, world_size: Optional[int] = No
     (one sentence, the plan's table after it) for a run that cannot start."""
     world = world_size or launcher_world_size()
     lay = layout(cfg, world)
+    nodes_ranks = ranks_per_node or launcher_ranks_per_node()
+    teacher = (teacher_layout(cfg, lay, inputs.teacher.hf_config, inputs.tokens.padded_vocab_size, nodes_ranks)
+               if inputs.teacher is not None and cfg.engine == "megatron" else None)
     check_batch_layout(cfg, lay.data_parallel, 1 if cfg.batch.micro_size == "auto" else cfg.batch.micro_size)
     check_optimizer(cfg)
     backend = rollout_backend(cfg, inputs)
     device_bytes = device_memory_bytes()   # None: a CPU run, whose models live in host memory
-    node = node_facts(ranks_per_node or launcher_ranks_per_node() or world, device_bytes is None,
+    node = node_facts(nodes_ranks or world, device_bytes is None,
                       cfg.memory.host_memory_gib)
     memory = check_memory_plan(cfg, world, inputs.student.hf_config,
                                inputs.teacher.hf_config if inputs.teacher is not None else None, device_bytes, node,
@@ -223,7 +242,7 @@ def plan_run(cfg: TrainConfig, inputs: RunInputs, world_size: Optional[int] = No
                    prompts_per_step=cfg.batch.global_size // cfg.rollout.num_samples,
                    total_steps=total_steps(cfg, len(inputs.train)), resume_folder=folder,
                    rollout_backend=backend, on_policy_prob=cfg.rollout.on_policy_prob, memory=memory,
-                   resume_step=step_of(folder))
+                   resume_step=step_of(folder), teacher=teacher)
     check_resume(plan.resolved_config(cfg), folder)
     if cfg.batch.micro_size == "auto" and os.environ.get("RANK", "0") == "0":
         log.info("batch.micro_size=auto: %d, the largest micro-batch the memory plan fits (%s)", micro,

@@ -103,6 +103,33 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
 
 # (layout key, snapshot of parallel_state's globals) as init_distributed last left them; None when not built.
 _built: Optional[tuple] = None
+# (tensor, pipeline) -> the ProcessGroupCollection of a model laid out on groups of its own; built once per
+# parallel_state (they share its context-parallel group) and destroyed with it
+_model_groups: dict = {}
+
+
+def model_process_groups(tensor: int, pipeline: int):
+    """megatron-core's process groups (a ProcessGroupCollection) for a model laid out tensor x pipeline over the
+    whole world, beside parallel_state's (a teacher with its own layout). Ranks: tensor fastest, then pipeline,
+    then data (megatron-core's HyperCommGrid); the embedding group joins each pipeline's first and last stage (tied
+    embeddings); context parallelism is parallel_state's (size 1). Collective on first use for a layout (every rank
+    calls it in the same order); cached until parallel_state's groups are rebuilt, and destroyed with them."""
+    from megatron.core import parallel_state
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if (tensor, pipeline) not in _model_groups:
+        grid = HyperCommGrid([tensor, pipeline, dist.get_world_size() // (tensor * pipeline)], ["tp", "pp", "dp"])
+        groups = ProcessGroupCollection(tp=grid.create_pg("tp"), pp=grid.create_pg("pp"),
+                                        mp=grid.create_pg(["tp", "pp"]), dp=grid.create_pg("dp"),
+                                        cp=parallel_state.get_context_parallel_group())
+        groups.dp_cp = groups.dp
+        pipelines = grid.get_rank_enum("pp")
+        groups.embd, embd = dist.new_subgroups_by_enumeration([sorted({p[0], p[-1]}) for p in pipelines])
+        groups.pos_embd, pos_embd = dist.new_subgroups_by_enumeration([[p[0]] for p in pipelines])
+        # every group made, this rank's or not, so that teardown destroys them all
+        _model_groups[tensor, pipeline] = (groups, [groups.tp, groups.pp, groups.mp, groups.dp, *embd, *pos_embd])
+    return _model_groups[tensor, pipeline][0]
 
 
 def _state_snapshot(parallel_state) -> dict:
@@ -140,7 +167,8 @@ def _megatron_process_groups(parallel_state) -> list:
 
 
 def _teardown_model_parallel(parallel_state) -> None:
-    """Destroy every process group megatron created, then reset parallel_state.
+    """Destroy every process group megatron created (and those of models on groups of their own), then reset
+    parallel_state.
 
     megatron-core's destroy_model_parallel only drops its references (except for a few gloo groups), which leaves
     each group's communicator, and with gloo its ``gloo_tcp_loop`` threads, alive for the rest of the process.
@@ -150,11 +178,14 @@ def _teardown_model_parallel(parallel_state) -> None:
     destroyed = 0
     if dist.is_initialized():
         world = dist.distributed_c10d._world
-        live = [group for group in _megatron_process_groups(parallel_state) if group in world.pg_map]
+        ours = [group for _, made in _model_groups.values() for group in made if isinstance(group, dist.ProcessGroup)]
+        live = [group for group in {id(g): g for g in [*_megatron_process_groups(parallel_state), *ours]}.values()
+                if group in world.pg_map and group is not dist.group.WORLD]
         # In the order torch itself shuts groups down (NCCL's abort was collective in some versions).
         for group in sorted(live, key=lambda g: world.pg_names.get(g, ""), reverse=True):
             dist.destroy_process_group(group)
             destroyed += 1
+    _model_groups.clear()
     parallel_state.destroy_model_parallel()
     if destroyed:
         # A destroyed group's threads end with its C++ object, and torch's Python wrappers sit in reference cycles:

@@ -120,15 +120,16 @@ class KnownShapes(P2PCommunicator):
         self._forward: deque = deque()
         self._backward: deque = deque()
 
-    def expect(self, shapes: Sequence[tuple[int, int, int]]) -> None:
-        """The step's activation shapes [seq, micro_batch, hidden], one per micro-batch in schedule order (a
-        training step: activations come in unless this is the first stage, gradients unless it is the last)."""
+    def expect(self, shapes: Sequence[tuple[int, int, int]], backward: bool = True) -> None:
+        """The step's activation shapes [seq, micro_batch, hidden], one per micro-batch in schedule order:
+        activations come in unless this is the first stage, gradients (``backward``: a training step, not a
+        forward-only one) unless it is the last."""
         if self._forward or self._backward:
             raise RuntimeError(f"the last step left {len(self._forward)} activation and {len(self._backward)} "
                                "gradient receives unused: it did not run the micro-batches it was told of")
         rank, size = self.pp_group.rank(), self.pp_group.size()
         self._forward = deque(shapes if rank > 0 else ())
-        self._backward = deque(shapes if rank < size - 1 else ())
+        self._backward = deque(shapes if backward and rank < size - 1 else ())
 
     def _communicate(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next, tensor_shape, **kwargs):
         if recv_prev and recv_next:

@@ -2,12 +2,14 @@
 
 Build: process groups at the plan's TP x PP, both models loaded and sharded for this rank (models/source.py), the
 student wrapped in megatron DDP, the co-located stage (colocation.py: teacher and student travel through one 1F1B
-schedule), the (distributed) optimizer and its schedule (optim.py). Step: megatron-core's pipeline schedule over the
-micro-batches, the last stage computing each micro-batch's loss on both models' vocab-sharded logits; per-token
-normalisation by ``finalize_model_grads`` (``calculate_per_token_loss``: the schedule sums token-weighted losses, the
-gradients are divided by the step's tokens over all data-parallel ranks). Checkpoints: megatron-core's distributed
-checkpoints (engines/checkpoint.py: async, fully parallel, reshardable). Rollouts: our decode, co-generation or a
-vLLM replica per rank fed by the weight stream (models/weight_stream.py).
+schedule) or, when the teacher has a layout of its own, the teacher on its own process groups (teacher_layout.py:
+its forward pass first, its hidden states handed to the student's loss ranks), the (distributed) optimizer and its
+schedule (optim.py). Step: megatron-core's pipeline schedule over the micro-batches, the last stage computing each
+micro-batch's loss on both models' vocab-sharded logits; per-token normalisation by ``finalize_model_grads``
+(``calculate_per_token_loss``: the schedule sums token-weighted losses, the gradients are divided by the step's
+tokens over all data-parallel ranks). Checkpoints: megatron-core's distributed checkpoints (engines/checkpoint.py:
+async, fully parallel, reshardable). Rollouts: our decode, co-generation or a vLLM replica per rank fed by the
+weight stream (models/weight_stream.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from megatron_tsdkd.engines.loop import Update
 from megatron_tsdkd.engines.megatron.colocation import CoLocatedStage
 from megatron_tsdkd.engines.megatron.optim import (adam_step, build_optimizer, build_scheduler,
                                                    materialise_optimizer_state, set_adam_step)
+from megatron_tsdkd.engines.megatron.teacher_layout import TeacherOnItsOwnLayout
 from megatron_tsdkd.generation.rollout_backends import CoGeneration, MegatronDecode
 from megatron_tsdkd.generation.vllm_rollouts import colocated_vllm_rollouts
 from megatron_tsdkd.methods import LossContext
@@ -83,8 +86,13 @@ class MegatronEngine:
         # per-token loss: the schedule sums micro-batch losses, finalize_model_grads divides by the step's tokens
         student = load_model(inputs.student, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention,
                              recompute=cfg.models.recompute, calculate_per_token_loss=True)
-        self.teacher = (load_model(inputs.teacher, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention)
-                        if inputs.teacher else None)
+        self.teacher = self.own_teacher = None
+        if inputs.teacher and plan.teacher_has_own_layout:   # its own process groups and forward pass
+            self.own_teacher = TeacherOnItsOwnLayout(inputs.teacher, plan.teacher_layout, plan.layout, dtype=dtype,
+                                                     padded_vocab=vocab, attention=attention)
+        elif inputs.teacher:   # co-located: one pipeline stage each, travelling together through the schedule
+            self.teacher = load_model(inputs.teacher, dtype=dtype, padded_vocab_size=vocab,
+                                      attention_backend=attention)
         self.student = DistributedDataParallel(config=student.config, ddp_config=ddp_config(cfg), module=student)
         self.stage = CoLocatedStage(self.student, self.teacher)
         self.stage.config.no_sync_func = self.student.no_sync   # all micro-batches but the last accumulate unreduced
@@ -111,27 +119,37 @@ class MegatronEngine:
     def forward_backward(self, batches, seq_len: int, loss):
         """megatron-core's schedule over ``batches``; ``loss(batch, student_logits, teacher_logits)`` gives each
         micro-batch's MicroBatchLoss on the last stage. Returns what the losses reported and the phase seconds."""
+        clock = self.stage.clock
+        clock.pop()
+        teacher_hidden = None
+        if self.own_teacher is not None:   # the teacher's own forward pass first, its hidden states handed over
+            with clock.phase("teacher_forward"):
+                teacher_hidden = self.own_teacher.run(batches)
+
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            index, batch = next(data_iterator)
 
             def weighted(output):   # the schedule sums these; finalize_model_grads divides by the step's tokens
-                m = loss(batch, *output)
+                student_logits, teacher_logits = output
+                if teacher_hidden is not None:
+                    teacher_logits = self.own_teacher.logits(teacher_hidden[index])
+                m = loss(batch, student_logits, teacher_logits)
                 return m.loss * m.tokens, m.tokens.to(torch.int), m.reported
             return model(batch.input_ids, batch.position_ids, None), weighted
 
-        clock = self.stage.clock
-        clock.pop()
         self.optimizer.zero_grad()
         self.student.zero_grad_buffer()
         with clock.phase("schedule"):   # device time on GPU (events), wall time on CPU
-            reported = self.schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=[self.stage],
+            reported = self.schedule(forward_step_func=forward_step, data_iterator=enumerate(batches),
+                                     model=[self.stage],
                                      num_microbatches=self.plan.micro_batches, seq_length=seq_len,
                                      micro_batch_size=self.plan.micro_size, forward_only=False,
                                      **self.stage.schedule_arguments(batches))
         phases = clock.pop()
         teacher, student = phases.get("teacher_forward", 0.0), phases.get("student_forward", 0.0)
         return reported, {"teacher_forward": teacher, "student_forward": student,
-                          "student_backward": max(phases["schedule"] - teacher - student, 0.0)}
+                          "student_backward": max(phases["schedule"] - student
+                                                  - (teacher if self.own_teacher is None else 0.0), 0.0)}
 
     def optimizer_step(self, step: int) -> Update:
         lr = self.optimizer.param_groups[0]["lr"]   # the rate this step applies
