@@ -20,7 +20,6 @@ import io
 import os
 import queue
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -156,8 +155,10 @@ def _terminate(*_) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    # every rank connects to the pool's store (WorkerPool: bound by the test process) as torchrun's workers do to
+    # their agent's; dropped once the default group exists, so that processes a task starts do not inherit it
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     parent = os.getppid()
     # A plain SIGTERM (close() after its grace, a CI runner ending pytest's process group) unwinds through the
@@ -180,6 +181,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             try:
                 fn, args, kwargs, tp, pp, seed = _loads(message)
                 init_distributed(ParallelLayout(tensor=tp, pipeline=pp), seed=seed, timeout_minutes=5)
+                os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
                 torch.manual_seed(seed)
                 value = _dumps(fn(*args, **kwargs))
                 _forget_models()
@@ -216,9 +218,11 @@ class WorkerPool:
         self.world_size = world_size
         self.closed = False
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # The workers' rendezvous store, on a port the kernel picks as it binds, held for the pool's life: a port
+        # found free and bound later by rank 0 could be taken in between by a process of the other lane of
+        # `make test` (EADDRINUSE, seen in a full run).
+        self.store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        port = self.store.port
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         self.procs = [
@@ -302,6 +306,7 @@ class WorkerPool:
         for q in [*self.tasks, self.results]:
             q.close()
             q.cancel_join_thread()
+        self.store = None   # its server thread ends with it
         if left:
             raise RuntimeError(f"processes of the worker pool survived SIGKILL: {left}")
 
