@@ -41,8 +41,9 @@ def pytest_xdist_make_scheduler(config, log):
     the pools) was slower, 719 s: those tests launch several processes each and slow down most when they share the
     cores, so they are best left to the end of their lane, where they partly run alone. With the teacher-layout
     tests and benchmarks added the lanes summed 762 s (launches) against 542 s (pools) of test time, and the suite
-    took 779 s; tests/test_gpu_check.py (140 s, one process at a time) and tests/test_rank_deaths.py (28 s) now run
-    in the pools lane: 718 s with the first moved, 690 s with both. Other `--dist` modes are left to xdist."""
+    took 779 s. tests/test_gpu_check.py (125-140 s, one process at a time) and tests/test_rank_deaths.py (28-39 s)
+    now run in the pools lane: 690-717 s (test_slurm.py alone varies from 216 to 365 s between runs). Other `--dist`
+    modes are left to xdist."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling

@@ -123,8 +123,11 @@ def test_every_method_and_bf16_learn_a_fixed_batch_at_tp2(workdir, tmp_path):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(workdir, tmp_path):
+    """With the teacher on a layout of its own (TP=1 x PP=2 beside the TP=2 student: checkpoints hold the student
+    only, the teacher is loaded afresh); the co-located resume is proven by the Slurm and preemption tests."""
     total = STEPS + 2
-    base = overrides(workdir, "tsdkd", True, ["checkpoint.interval=2", "parallel.tensor=2"])
+    base = overrides(workdir, "tsdkd", True, ["checkpoint.interval=2", "parallel.tensor=2", "parallel.teacher.tensor=1",
+                                              "parallel.teacher.pipeline=2"])
     full = run_parallel(_train, base + [f"checkpoint.dir={tmp_path}/full"], world_size=2, tp=2)[0]
     # "killed" after step 3: the last checkpoint on disk is step 2, step 3's work is lost
     first = run_parallel(_train, base + [f"checkpoint.dir={tmp_path}/cut"], world_size=2, tp=2, stop_after=3)[0]
