@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel.schedules import (forward_backward_pipelining_without_interleaving,
                                                        get_tensor_shapes)
+from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_tsdkd.engines.megatron.colocation import KnownShapes
 from megatron_tsdkd.models.source import ModelSource, load_model
@@ -52,8 +53,8 @@ def _exchange(ops: list) -> None:
 
 
 def _rows(rank: int, shards: int, vocab: int) -> range:
-    size = vocab // shards
-    return range(rank * size, (rank + 1) * size)
+    """The vocabulary rows of tensor-parallel rank ``rank`` of ``shards`` (megatron-core's own split)."""
+    return range(*VocabUtility.vocab_range_from_global_vocab_size(vocab, rank, shards))
 
 
 class TeacherOnItsOwnLayout:
