@@ -43,6 +43,9 @@ class ModelsConfig:
     tokenizer: str = ""                 # default: the student's folder
     attention: Literal[ATTENTION_BACKENDS] = "auto"   # auto: Transformer Engine if importable, else SDPA on GPU, local on CPU
     recompute: Literal[RECOMPUTE_MODES] = "none"      # student activation recompute (the teacher keeps no activations)
+    # a mixture-of-experts student's router load-balancing loss (megatron-core's aux_loss, whatever the method;
+    # logged as loss/router_aux before this factor); unset: the student's HF router_aux_loss_coef, 0 turns it off
+    router_aux_loss_coef: Optional[float] = None
 
 
 @dataclass
@@ -52,12 +55,17 @@ class TeacherParallelConfig:
     # in the student's layout: ride in the student's pipeline stages, one schedule for both (true), or run on groups
     # of its own with its own forward pass as in any other layout (false; benchmarks/teacher_layout_step.py)
     colocated: bool = True
+    # experts of a mixture-of-experts teacher split over this many of its data-parallel replicas (megatron-core's
+    # expert parallelism; each expert itself split over the teacher's tensor parallelism). A MoE teacher rides
+    # co-located only at the student's parallel.expert; any other value gives it groups of its own
+    expert: int = 1
 
 
 @dataclass
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    expert: int = 1                     # a mixture-of-experts student's experts over this many data-parallel ranks
     # the teacher's own layout (engines/megatron/teacher_layout.py); its data parallelism fills the world
     teacher: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
 
@@ -394,11 +402,16 @@ def _check(cfg: TrainConfig) -> None:
     need(not (method.co_generation and r.engine == "vllm"), "rollout.engine",
          f"method {method.name} picks each token from the student's and the teacher's logits together "
          f"(generation/co_generation.py), which vLLM cannot do; use rollout.engine=megatron (or auto)")
+    coef = cfg.models.router_aux_loss_coef
+    need(coef is None or (isinstance(coef, (int, float)) and coef >= 0), "models.router_aux_loss_coef",
+         f"must be a number >= 0 or unset, got {coef!r}")
+    for key, value in (("parallel.expert", cfg.parallel.expert), ("parallel.teacher.expert", cfg.parallel.teacher.expert)):
+        need(isinstance(value, int) and value >= 1, key, f"must be an integer >= 1, got {value!r}")
     own_teacher_layout = (teacher_layout_of(cfg.parallel) != (cfg.parallel.tensor, cfg.parallel.pipeline)
-                          or not cfg.parallel.teacher.colocated)
+                          or not cfg.parallel.teacher.colocated or cfg.parallel.teacher.expert != 1)
     need(not own_teacher_layout or method.needs_teacher, "parallel.teacher",
-         f"method {method.name} has no teacher; unset parallel.teacher.tensor, parallel.teacher.pipeline and "
-         f"parallel.teacher.colocated")
+         f"method {method.name} has no teacher; unset parallel.teacher.tensor, parallel.teacher.pipeline, "
+         f"parallel.teacher.expert and parallel.teacher.colocated")
     need(not (own_teacher_layout and method.co_generation and lam), "parallel.teacher",
          f"method {method.name} samples each token from the student's and the teacher's logits together "
          f"(generation/co_generation.py), which needs the teacher co-located in the student's layout; unset "
@@ -450,12 +463,14 @@ def _check_deepspeed(cfg: TrainConfig, need) -> None:
     need(not (d.optimizer == "cpu_adam" and d.offload_optimizer != "cpu"), "deepspeed.optimizer",
          "cpu_adam steps CPU-resident state only; set deepspeed.offload_optimizer=cpu or use torch_adam")
     if cfg.engine == "deepspeed":
-        for key, value in (("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline)):
+        for key, value in (("parallel.tensor", cfg.parallel.tensor), ("parallel.pipeline", cfg.parallel.pipeline),
+                           ("parallel.expert", cfg.parallel.expert)):
             need(value == 1, key, f"must be 1 with engine=deepspeed (ZeRO shards over data parallelism only), "
-                                  f"got {value}; use engine=megatron for tensor/pipeline parallelism")
+                                  f"got {value}; use engine=megatron for tensor/pipeline/expert parallelism")
         t = cfg.parallel.teacher
         for key, value, unset in (("parallel.teacher.tensor", t.tensor, None),
                                   ("parallel.teacher.pipeline", t.pipeline, None),
+                                  ("parallel.teacher.expert", t.expert, 1),
                                   ("parallel.teacher.colocated", t.colocated, True)):
             need(value == unset, key, f"is for engine=megatron (engine=deepspeed partitions the teacher with ZeRO-3 "
                                       f"over every rank already); unset it, got {value}")

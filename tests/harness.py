@@ -179,8 +179,8 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             if message is None:
                 return
             try:
-                fn, args, kwargs, tp, pp, seed = _loads(message)
-                init_distributed(ParallelLayout(tensor=tp, pipeline=pp), seed=seed, timeout_minutes=5)
+                fn, args, kwargs, (tp, pp, ep), seed = _loads(message)
+                init_distributed(ParallelLayout(tensor=tp, pipeline=pp, expert=ep), seed=seed, timeout_minutes=5)
                 os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
                 torch.manual_seed(seed)
                 value = _dumps(fn(*args, **kwargs))
@@ -232,8 +232,8 @@ class WorkerPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, args, kwargs, tp: int, pp: int, seed: int, timeout: float):
-        message = _dumps((fn, args, kwargs, tp, pp, seed))
+    def run(self, fn, args, kwargs, layout: tuple[int, int, int], seed: int, timeout: float):
+        message = _dumps((fn, args, kwargs, layout, seed))
         for q in self.tasks:
             q.put(message)
         values, errors = {}, {}
@@ -314,14 +314,15 @@ class WorkerPool:
 _pools: dict[int, WorkerPool] = {}
 
 
-def run_parallel(fn, *args, world_size: int, tp: int = 1, pp: int = 1, seed: int = 1234,
+def run_parallel(fn, *args, world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234,
                  timeout: float = TIMEOUT_S, **kwargs) -> list:
-    """Per-rank results of ``fn(*args, **kwargs)`` on ``world_size`` gloo processes laid out as TP x PP (x DP)."""
+    """Per-rank results of ``fn(*args, **kwargs)`` on ``world_size`` gloo processes laid out as TP x PP (x DP;
+    a MoE model's experts over ``ep`` of the data-parallel ranks)."""
     pool = _pools.get(world_size)
     if pool is None:
         pool = _pools[world_size] = WorkerPool(world_size)
     try:
-        return pool.run(fn, args, kwargs, tp, pp, seed, timeout)
+        return pool.run(fn, args, kwargs, (tp, pp, ep), seed, timeout)
     except (TimeoutError, AssertionError):
         # A rank may be wedged in a collective after a failure: start afresh for the next test.
         _pools.pop(world_size, None)

@@ -88,9 +88,9 @@ def _own_tree(pool: WorkerPool) -> list[int]:
 
 def _hang(pool: WorkerPool, pid_file: str) -> list[int]:
     """Make ``pool``'s worker start children and then hang in its task; the children's pids."""
-    pool.run(_os_threads, (), {}, 1, 1, 0, 600)   # up and running before the short timeout below
+    pool.run(_os_threads, (), {}, (1, 1, 1), 0, 600)   # up and running before the short timeout below
     with pytest.raises(TimeoutError):
-        pool.run(_start_children, (pid_file,), {}, 1, 1, 0, 3.0)
+        pool.run(_start_children, (pid_file,), {}, (1, 1, 1), 0, 3.0)
     with open(pid_file) as f:
         return json.load(f)
 
@@ -102,7 +102,7 @@ def test_close_ends_workers_and_their_children(tmp_path):
     pools = {"idle": idle, "stuck": stuck, "terminated": terminated}
     trees = {}
     try:
-        children = {"idle": idle.run(_start_children, (), {}, 1, 1, 0, 600)[0]}
+        children = {"idle": idle.run(_start_children, (), {}, (1, 1, 1), 0, 600)[0]}
         for name in ("stuck", "terminated"):
             children[name] = _hang(pools[name], str(tmp_path / f"{name}.json"))
         for name, pool in pools.items():
@@ -131,7 +131,7 @@ import test_harness
 
 if __name__ == "__main__":
     pool = WorkerPool(1)
-    pool.run(test_harness._start_children, (), {{}}, 1, 1, 0, 600)
+    pool.run(test_harness._start_children, (), {{}}, (1, 1, 1), 0, 600)
     print(json.dumps([pid for pid, _ in pool.pids()]), flush=True)
     os._exit(0)   # dies without closing the pool, as a killed pytest would
 """

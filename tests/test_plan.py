@@ -22,6 +22,12 @@ PUBLISHED = {
 }
 
 
+# the shipped job scripts and the configs they run
+JOBS = [("tsdkd_70b_to_7b.sh", "tsdkd_70b_to_7b.yaml"), ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
+        ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml"), ("tsdkd_30b_a3b_to_1.7b.sh", "tsdkd_30b_a3b_to_1.7b.yaml"),
+        ("tsdkd_235b_a22b_to_8b.sh", "tsdkd_235b_a22b_to_8b.yaml")]
+
+
 def spec_of(name):
     from megatron_tsdkd.planning.memory_plan import load_hf_spec
 
@@ -49,9 +55,7 @@ def test_shipped_hf_configs_have_the_published_sizes(name):
     assert total_parameters(spec_of(name)) == PUBLISHED[name]
 
 
-@pytest.mark.parametrize("script, yaml", [("tsdkd_70b_to_7b.sh", "tsdkd_70b_to_7b.yaml"),
-                                          ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
-                                          ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml")])
+@pytest.mark.parametrize("script, yaml", JOBS)
 def test_job_layouts_fit_80gb(script, yaml):
     from megatron_tsdkd.planning.memory_plan import load_hf_spec
     from megatron_tsdkd.planning.memory_gate import check_memory_plan
@@ -71,9 +75,161 @@ def test_job_layouts_fit_80gb(script, yaml):
     # the teacher's own layout obeys the placement rule on the script's nodes of 8 GPUs (what a launch checks)
     vocab = padded_vocab_size(max(student.vocab_size, teacher.vocab_size),
                               math.lcm(cfg.parallel.tensor, teacher_layout_of(cfg.parallel)[0]))
-    own = teacher_layout(cfg, Layout(cfg.parallel.tensor, cfg.parallel.pipeline, script_world_size(script)), teacher,
-                         vocab, ranks_per_node=8)
+    own = teacher_layout(cfg, Layout(cfg.parallel.tensor, cfg.parallel.pipeline, script_world_size(script),
+                                     expert=cfg.parallel.expert), teacher, vocab, ranks_per_node=8)
     assert own is not None and (own.tensor, own.pipeline) == teacher_layout_of(cfg.parallel)
+    assert own.expert == cfg.parallel.teacher.expert == plan.inputs.teacher_layout.expert
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture of experts (Qwen3-MoE): experts per expert-parallel rank, the dispatcher, active parameters, the search
+
+QWEN3 = {"Qwen3-30B-A3B": (30.5e9, 3.3e9), "Qwen3-235B-A22B": (235e9, 22e9),   # model cards: total, active
+         "Qwen3-1.7B": (1.7e9, 1.7e9), "Qwen3-8B": (8.2e9, 8.2e9)}
+
+
+def _qwen3_by_hand(c: dict) -> tuple[int, int]:
+    """(total, active) parameters from a config.json's shapes: attention with q/k norms, two norms, the MLP (a MoE
+    layer's router and experts, of which top-k per token), embeddings and the final norm."""
+    h, d = c["hidden_size"], c["head_dim"]
+    attention = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d * h + h * c["num_attention_heads"] * d
+    layer = attention + 2 * d + 2 * h
+    ends = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2) + h
+    if "num_experts" not in c:
+        total = c["num_hidden_layers"] * (layer + 3 * c["intermediate_size"] * h) + ends
+        return total, total
+    expert, router = 3 * c["moe_intermediate_size"] * h, c["num_experts"] * h
+    total = c["num_hidden_layers"] * (layer + router + c["num_experts"] * expert) + ends
+    return total, c["num_hidden_layers"] * (layer + router + c["num_experts_per_tok"] * expert) + ends
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3))
+def test_shipped_qwen3_configs_load_and_have_the_published_sizes(name):
+    """transformers reads each shipped Qwen3 config.json, arch_spec accepts it, and the plan's total and active
+    counts are the shapes' (by hand) and the model cards' to their rounding (1.7B: the tied embedding once)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from megatron_tsdkd.models.hf_config import arch_spec
+    from megatron_tsdkd.planning.memory_plan import _describe, active_parameters, total_parameters
+
+    spec = arch_spec(AutoConfig.from_pretrained(os.path.join(HF, name), local_files_only=True))
+    total, active = _qwen3_by_hand(json.load(open(os.path.join(HF, name, "config.json"))))
+    assert (total_parameters(spec), active_parameters(spec)) == (total, active)
+    published_total, published_active = QWEN3[name]
+    assert abs(total / published_total - 1) < 0.02 and abs(active / published_active - 1) < 0.02
+    assert spec.is_moe == (total != active)
+    assert (f"{total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active" in _describe(spec)) == spec.is_moe
+
+
+def test_moe_weights_are_split_per_expert_parallel_rank():
+    """Qwen3-30B-A3B over EP ranks: router, attention and embeddings stay whole on every rank, 1/EP of each layer's
+    experts remain, so at EP=8 a rank holds exactly 7/8 of the expert weights fewer than at EP=1; as the teacher
+    (frozen weights) and as the student, whose gradients follow its weights and whose distributed optimizer state is
+    the same at either EP (an expert's state is sharded over the DP / EP ranks that hold it: 1/EP of the experts over
+    1/EP of the ranks); without the distributed optimizer it drops by the same 7/8 of the experts."""
+    from megatron_tsdkd.planning.memory_plan import PlanInputs, plan_memory
+
+    moe, dense = spec_of("Qwen3-30B-A3B"), spec_of("Qwen3-1.7B")
+    experts = 48 * 128 * 3 * 768 * 2048     # every layer's 128 SwiGLU experts, by hand
+    fewer = experts * 7 // 8
+    base = dict(tp=1, pp=1, world_size=8, micro_batch=1, global_batch=8, seq_len=1024)
+    teacher = {ep: plan_memory(dense, moe, PlanInputs(**base, teacher_colocated=False, teacher_ep=ep)) for ep in (1, 8)}
+    assert teacher[1].teacher_params[0] - teacher[8].teacher_params[0] == fewer
+    assert teacher[1].row("teacher weights").bytes_per_stage[0] - teacher[8].row("teacher weights").bytes_per_stage[0] \
+        == 2 * fewer
+    assert "teacher TP=1 PP=1 DP=8 EP=8 on its own process groups" in teacher[8].table()
+
+    def row(ep, name, distributed=True):
+        plan = plan_memory(moe, None, PlanInputs(**base, ep=ep, distributed_optimizer=distributed))
+        return plan.student_params[0] if name == "parameters" else plan.row(name).bytes_per_stage[0]
+
+    assert row(1, "parameters") - row(8, "parameters") == fewer
+    assert row(1, "student weights") - row(8, "student weights") == 2 * fewer              # bf16
+    assert row(1, "student gradients") - row(8, "student gradients") == 4 * fewer          # fp32 buffer
+    assert abs(row(1, "optimizer state") - row(8, "optimizer state")) <= 1                 # ceilings apart
+    assert row(1, "optimizer state", False) - row(8, "optimizer state", False) == 12 * fewer
+    # co-located, a MoE teacher shares the student's expert groups; at another EP it has groups of its own
+    same = PlanInputs(**{**base, "world_size": 16}, ep=8, teacher_ep=8)
+    assert not plan_memory(moe, moe, same).teacher_has_own_layout
+    assert plan_memory(moe, moe, PlanInputs(**{**same.__dict__, "teacher_ep": 4})).teacher_has_own_layout
+    assert not plan_memory(moe, dense, PlanInputs(**{**same.__dict__, "teacher_ep": 1})).teacher_has_own_layout
+    assert plan_memory(dense, moe, PlanInputs(**base, teacher_ep=8)).teacher_has_own_layout   # the student's EP: 1
+
+
+def test_moe_dispatcher_buffers_and_expert_activations():
+    """A MoE layer's token dispatcher holds the tokens permuted to their top-k experts going out and coming back
+    (tokens x top_k x h each, the activation dtype): in a forward's working set, and kept for backward by a trained
+    student with its experts' SwiGLU over the tokens x top_k rows and the router's fp32 scores."""
+    from megatron_tsdkd.planning.memory_plan import layer_working_set, mlp_saved_activations
+
+    moe, tokens = spec_of("Qwen3-30B-A3B"), 4096
+    dispatcher = 2 * tokens * 8 * 2048 * 2
+    assert layer_working_set(moe, 1, tokens, 4, 1024, 2, False) == \
+        3 * tokens * 8 * 768 * 2 + dispatcher + 2 * tokens * 2048 * 2
+    assert mlp_saved_activations(moe, 1, tokens, 2) == 5 * tokens * 8 * 768 * 2 + 2 * tokens * 128 * 4 + dispatcher
+    assert mlp_saved_activations(moe, 2, tokens, 2) - dispatcher - 2 * tokens * 128 * 4 == 5 * tokens * 8 * 384 * 2
+
+
+def test_experts_not_dividing_by_the_teachers_expert_parallelism_are_refused_naming_the_key(capsys):
+    """parallel.teacher.expert must divide the teacher's experts (128) and its data-parallel replicas: tsdkd-plan and
+    the start-up gate refuse in one line naming the key."""
+    from megatron_tsdkd.commands.plan import main
+    from megatron_tsdkd.planning.memory_gate import check_memory_plan
+
+    yaml = os.path.join(ROOT, "configs", "tsdkd_30b_a3b_to_1.7b.yaml")
+    sentence = "parallel.teacher.expert: qwen3_moe model: 128 experts are not divisible by expert parallel 3"
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", yaml, "--world-size", "24", "parallel.teacher.expert=3"])
+    assert refused.value.code == 2 and capsys.readouterr().err == f"error: {sentence}\n"
+    with pytest.raises(ValueError) as gate:
+        check_memory_plan(config("tsdkd_30b_a3b_to_1.7b.yaml", "parallel.teacher.expert=3"), 24,
+                          spec_of("Qwen3-1.7B"), spec_of("Qwen3-30B-A3B"), gpu_memory_bytes=80 * 1024**3)
+    assert str(gate.value) == sentence
+    with pytest.raises(SystemExit):
+        main(["--config", yaml, "--world-size", "8", "parallel.teacher.expert=16"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: parallel.teacher.expert: 16 must divide the teacher's 8 data-parallel replicas") \
+        and err.count("\n") == 1, err
+
+
+def test_layout_search_splits_a_moe_teachers_experts(capsys):
+    """tsdkd-plan --search tries a MoE teacher's expert parallelism (powers of two dividing its experts and its
+    replicas) with each layout, and prints it in the teacher's column; the shipped 30B-A3B -> 1.7B layout is listed
+    with the most replicas and the largest micro-batch; the shipped 235B-A22B -> 8B layout is the best of 2 nodes."""
+    from megatron_tsdkd.commands.plan import main
+    from megatron_tsdkd.planning.memory_gate import search_for_config
+
+    student, teacher = spec_of("Qwen3-1.7B"), spec_of("Qwen3-30B-A3B")
+    cfg = config("tsdkd_30b_a3b_to_1.7b.yaml")
+    choices, _ = search_for_config(cfg, 8, student, teacher, 80, ranks_per_node=8)
+    for c in choices:
+        assert 128 % c.teacher.expert == 0 and c.teacher.data_parallel % c.teacher.expert == 0
+        assert c.plan.inputs.teacher_layout.expert == c.teacher.expert and c.student.expert == 1
+        assert c.overrides[-1] == f"parallel.teacher.expert={c.teacher.expert}"
+    assert {c.teacher.expert for c in choices} == {1, 2, 4, 8}
+    # a MoE student: TP=1 only (planning/inputs.py), its experts over 1, 2, 4 or 8 of its replicas
+    from megatron_tsdkd.planning.layout_search import candidate_layouts
+
+    pairs = candidate_layouts(teacher, student, 8, 8)
+    assert {s.tensor for s, _ in pairs} == {1} and {s.expert for s, _ in pairs} == {1, 2, 4, 8}
+    assert all(s.data_parallel % s.expert == 0 and t.expert == 1 for s, t in pairs)
+    shipped = next(c for c in choices if c.overrides == ["parallel.tensor=1", "parallel.pipeline=1",
+                                                         "parallel.teacher.tensor=1", "parallel.teacher.pipeline=1",
+                                                         "parallel.teacher.expert=8"])
+    assert (shipped.student.data_parallel, shipped.plan.inputs.micro_batch) == \
+        (choices[0].student.data_parallel, choices[0].plan.inputs.micro_batch) == (8, 8)
+
+    yaml = os.path.join(ROOT, "configs", "tsdkd_235b_a22b_to_8b.yaml")
+    main(["--config", yaml, "--world-size", "16", "--gpu-memory-gib", "80", "--search"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  1 +4 x 1 +4 +4 x 2, EP 2 +2 +own, serves 2 replicas +4 +[\d.]+ +[\d.]+$", out, re.M), out
+    assert "best: parallel.tensor=4 parallel.pipeline=1 parallel.teacher.tensor=4 parallel.teacher.pipeline=2 " \
+           "parallel.teacher.expert=2" in out
+    c235 = config("tsdkd_235b_a22b_to_8b.yaml")
+    assert (c235.parallel.tensor, c235.parallel.pipeline, c235.parallel.teacher.tensor, c235.parallel.teacher.pipeline,
+            c235.parallel.teacher.expert) == (4, 1, 4, 2, 2)
 
 
 # both models co-located at TP=1 x PP=2 (the shipped config's teacher layout unset)
@@ -661,9 +817,7 @@ def test_host_plan_of_gpu_nodes_counts_loading_and_async_staging(capsys):
     assert "suggestion (host): " in out and "fewer processes per node (now 8)" in out
 
 
-@pytest.mark.parametrize("script, yaml", [("tsdkd_70b_to_7b.sh", "tsdkd_70b_to_7b.yaml"),
-                                          ("tsdkd_70b_to_7b.sh", "tsdkd_llama70b_to_8b.yaml"),
-                                          ("tsdkd_14b_to_1.5b.sh", "tsdkd_14b_to_1.5b.yaml")])
+@pytest.mark.parametrize("script, yaml", JOBS)
 def test_micro_size_auto_picks_the_largest_that_fits_and_the_rollout_boundary(script, yaml):
     """batch.micro_size=auto (the shipped large configs): the plan's largest fitting micro-batch, > 1, and the next
     candidate up does not fit. At the training -> rollout boundary the training step's cached blocks are returned

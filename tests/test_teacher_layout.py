@@ -3,13 +3,13 @@ norm per step within 1e-6 (fp32) for three teacher | student layouts on 4 gloo p
 GKD (and off-policy KD); the handoff's bytes counted against sending the logits; the symmetric layout on the
 teacher's own groups equal to the co-located run. (A resumed run with the teacher on its own layout:
 tests/test_train.py test_resume_after_kill_matches_uninterrupted_run.)"""
-import json
 import os
 
 import pytest
 import torch
 
 from harness import run_parallel, run_serial
+from tiny_models import write_problems
 
 STEPS = 2
 DEMO_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "megatron_tsdkd", "assets", "demo", "teacher")
@@ -21,8 +21,6 @@ def workdir(tmp_path_factory):
     """Tiny teachers (Qwen2, GQA 8 heads / 4 KV heads, head_dim 8; one with tied embeddings, one without), a Llama
     student (4 heads / 2 KV heads) sharing the demo tokenizer, and a small JSONL data set."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from megatron_tsdkd.data.arithmetic_chains import make_problems
 
     root = tmp_path_factory.mktemp("teacher_layout")
     tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
@@ -38,9 +36,7 @@ def workdir(tmp_path_factory):
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                  tie_word_embeddings=False, **ids)).save_pretrained(root / "student")
     tok.save_pretrained(root / "student")
-    with open(root / "train.jsonl", "w") as f:
-        for p in make_problems(seed=7, count=64):
-            f.write(json.dumps({"prompt": p.prompt, "response": p.solution, "answer": p.answer}) + "\n")
+    write_problems(root / "train.jsonl", count=64)
     return root
 
 

@@ -1,6 +1,5 @@
 """The main job, proven against its serial twin: TP=2 x PP=2 reproduces TP=1 x PP=1 step by step; resume is exact;
 a SIGTERM leaves a loadable checkpoint; a truncated checkpoint is refused; bad setups stop before any work."""
-import json
 import math
 import os
 import signal
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from harness import run_parallel, run_serial
+from tiny_models import write_problems
 
 STEPS = 3
 DEMO_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "megatron_tsdkd", "assets", "demo", "teacher")
@@ -18,8 +18,6 @@ DEMO_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "megatron_tsdkd",
 def workdir(tmp_path_factory):
     """A tiny teacher (Qwen2) and student (Llama) that share the demo tokenizer, and a small JSONL data set."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from megatron_tsdkd.data.arithmetic_chains import make_problems
 
     root = tmp_path_factory.mktemp("train")
     tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
@@ -36,9 +34,7 @@ def workdir(tmp_path_factory):
     for name, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    with open(root / "train.jsonl", "w") as f:
-        for p in make_problems(seed=7, count=64):
-            f.write(json.dumps({"prompt": p.prompt, "response": p.solution, "answer": p.answer}) + "\n")
+    write_problems(root / "train.jsonl", count=64)
     return root
 
 

@@ -4,17 +4,19 @@ killed with SIGKILL after its step-10 checkpoint resumes to log exactly the unin
 steps after it. Bad settings stop before start with one line naming ``rollout.engine``.
 
 The pair: a tiny Qwen2 teacher and student with head_dim 64 (vLLM's CPU attention has no head_dim 16) sharing the
-demo tokenizer, whose vocabulary is 3 rows short of the models' (never sampled: the replica masks them).
+demo tokenizer, whose vocabulary is 3 rows short of the models' (never sampled: the replica masks them). The killed
+run's teacher is a tiny Qwen3-MoE (8 experts, top-2) with its experts split over both ranks (parallel.teacher.expert
+=2, its own layout): the on-policy run with a mixture-of-experts teacher that learns and resumes exactly.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from tiny_models import write_problems
 from test_preemption import ROOT, Run, assert_complete_latest, logged_losses, run_env, runs  # noqa: F401
 
 from slurm_cluster import poll_until
@@ -25,9 +27,7 @@ STEPS, INTERVAL, KILL_AT = 20, 10, 14
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from megatron_tsdkd.data.arithmetic_chains import make_problems
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     root = tmp_path_factory.mktemp("vllm_pair")
     tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
@@ -39,9 +39,13 @@ def pair(tmp_path_factory):
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    with open(root / "train.jsonl", "w") as f:
-        for p in make_problems(seed=7, count=80):
-            f.write(json.dumps({"prompt": p.prompt, "response": p.solution, "answer": p.answer}) + "\n")
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tok) + 3, hidden_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)).save_pretrained(root / "moe_teacher")
+    tok.save_pretrained(root / "moe_teacher")
+    write_problems(root / "train.jsonl", count=80)
     return root
 
 
@@ -64,15 +68,17 @@ def overrides(pair, ckpt, tb, *extra) -> list[str]:
             *extra]
 
 
-# the student at TP=1 x DP=2 (a vLLM replica per rank, each sampling its own prompts), the teacher at TP=2 on its
-# own process groups (engines/megatron/teacher_layout.py): vLLM rollouts on the student side of independent layouts
-OWN_TEACHER_LAYOUT = ("parallel.tensor=1", "parallel.teacher.tensor=2")
+# the student at TP=1 x DP=2 (a vLLM replica per rank, each sampling its own prompts), the MoE teacher's experts over
+# both ranks on its own process groups (engines/megatron/teacher_layout.py): vLLM rollouts on the student side of
+# independent layouts
+OWN_TEACHER_LAYOUT = ("parallel.tensor=1", "parallel.teacher.expert=2")
 
 
 def test_vllm_run_trains_and_resumes_exactly_after_kill_9(pair, runs, tmp_path):  # noqa: F811
     """One run killed with SIGKILL at step KILL_AT (its last checkpoint: step INTERVAL) is the reference for the
     steps it logged after that checkpoint; the resumed run must log exactly those losses, then train to the end."""
-    cut = runs(argv(pair, tmp_path / "ckpt", tmp_path / "cut_tb", *OWN_TEACHER_LAYOUT), str(tmp_path / "cut"))
+    moe_teacher = (*OWN_TEACHER_LAYOUT, f"models.teacher.path={pair}/moe_teacher")
+    cut = runs(argv(pair, tmp_path / "ckpt", tmp_path / "cut_tb", *moe_teacher), str(tmp_path / "cut"))
 
     def killable():
         tb = tmp_path / "cut_tb"
@@ -80,10 +86,11 @@ def test_vllm_run_trains_and_resumes_exactly_after_kill_9(pair, runs, tmp_path):
 
     poll_until(killable, 240, f"step {KILL_AT} of the run to kill")
     cut.kill()   # SIGKILL to torchrun's process group: no handler runs
-    assert "rollouts on vLLM" in cut.output() and "teacher layout: TP=2 PP=1 DP=1" in cut.output(), cut.output()[-3000:]
+    assert "rollouts on vLLM" in cut.output() and "teacher layout: TP=1 PP=1 DP=2 EP=2" in cut.output(), \
+        cut.output()[-3000:]
     before = logged_losses(tmp_path / "cut_tb")
     assert_complete_latest(tmp_path / "ckpt", INTERVAL)
-    resumed = runs(argv(pair, tmp_path / "ckpt", tmp_path / "resumed_tb", *OWN_TEACHER_LAYOUT),
+    resumed = runs(argv(pair, tmp_path / "ckpt", tmp_path / "resumed_tb", *moe_teacher),
                    str(tmp_path / "resumed"))
     assert resumed.wait(300) == 0, resumed.output()[-3000:]
     after = logged_losses(tmp_path / "resumed_tb")

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face decoders (Qwen2, Qwen3, Llama 3) saved to a folder, for tests; no hub access.
+"""Tiny random Hugging Face decoders (Qwen2, Qwen3, Qwen3-MoE, Llama 3) saved to a folder, for tests; no hub access.
 
 ``make_tiny_hf_model(arch, out_dir, tie=False, seed=0)`` writes config.json, generation_config.json, safetensors
 weights and a byte-level tokenizer with a chat template, and returns the folder. Every parameter is random,
@@ -10,7 +10,7 @@ import os
 
 import torch
 
-ARCHS = ("qwen2", "qwen3", "llama")
+ARCHS = ("qwen2", "qwen3", "qwen3_moe", "llama")
 VOCAB_SIZE = 300        # not a multiple of 128: exercises vocabulary padding (TP=1 -> 384, TP=2 -> 512)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 
 def tiny_config(arch: str, tie: bool = False, **overrides):
     """A 2-layer config with GQA (4 heads, 2 query groups) and non-default rope settings."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tie,
@@ -30,6 +30,10 @@ def tiny_config(arch: str, tie: bool = False, **overrides):
         config = Qwen2Config(**common, max_position_embeddings=4096, rope_theta=1_000_000.0)
     elif arch == "qwen3":  # head_dim 32 != hidden / heads = 16, as in real Qwen3 models
         config = Qwen3Config(**common, head_dim=32, max_position_embeddings=4096, rope_theta=1_000_000.0)
+    elif arch == "qwen3_moe":  # 8 experts, top-2 renormalised (as Qwen3-30B-A3B), narrower experts than a dense MLP
+        config = Qwen3MoeConfig(**common, head_dim=32, max_position_embeddings=4096, rope_theta=1_000_000.0,
+                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                                router_aux_loss_coef=0.01)
     elif arch == "llama":  # Llama 3.1 rope scaling (only the factor is non-standard)
         config = LlamaConfig(**common, max_position_embeddings=131072, rope_scaling={
             "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -71,6 +75,8 @@ def make_tiny_hf_model(arch: str, out_dir: str, tie: bool = False, seed: int = 0
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("mlp.gate.weight"):   # a MoE router: clear top-k choices, no near-ties to flip
+                param.copy_(0.5 * torch.randn_like(param))
             else:
                 param.copy_(0.08 * torch.randn_like(param))
     model = model.to(dtype)
@@ -81,3 +87,14 @@ def make_tiny_hf_model(arch: str, out_dir: str, tie: bool = False, seed: int = 0
     if tokenizer:
         make_tokenizer(out_dir)
     return out_dir
+
+
+def write_problems(path, count: int, seed: int = 7) -> None:
+    """A JSONL data set of the demo's arithmetic problems (prompt, worked response, answer)."""
+    import json
+
+    from megatron_tsdkd.data.arithmetic_chains import make_problems
+
+    with open(path, "w") as f:
+        for p in make_problems(seed=seed, count=count):
+            f.write(json.dumps({"prompt": p.prompt, "response": p.solution, "answer": p.answer}) + "\n")

@@ -1,7 +1,7 @@
 """``tsdkd-convert``: Hugging Face folder <-> megatron-core distributed checkpoint (logic in models/convert.py).
 
-    tsdkd-convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N] [--dtype bf16|fp16|fp32] [--force]
-    tsdkd-convert mcore-to-hf --mcore DIR --out DIR [--tp N --pp N] [--dtype ...] [--force]
+    tsdkd-convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N] [--dtype bf16|fp16|fp32] [--force]
+    tsdkd-convert mcore-to-hf --mcore DIR --out DIR [--tp N --pp N --ep N] [--dtype ...] [--force]
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="target folder (must be empty or absent unless --force)")
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks doing the work (default 1)")
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks doing the work (default 1)")
+        p.add_argument("--ep", type=int, default=1,
+                       help="expert-parallel ranks sharing a mixture-of-experts model's experts (default 1)")
         p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the source's dtype")
         p.add_argument("--force", action="store_true", help="replace a non-empty target folder")
     return parser
@@ -36,8 +38,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = _parser().parse_args(argv)
     try:
         fn, fn_args = prepare_conversion(args.command, args.source, args.out, args.tp, args.pp,
-                                         DTYPES[args.dtype] if args.dtype else None, args.force)
-        run_world(args.tp * args.pp, fn, *fn_args)
+                                         DTYPES[args.dtype] if args.dtype else None, args.force, args.ep)
+        run_world(args.tp * args.pp * args.ep, fn, *fn_args)
     except (ModelError, OSError) as error:
         raise SystemExit(f"tsdkd-convert: error: {error}") from None
     if os.environ.get("RANK", "0") == "0":

@@ -7,7 +7,8 @@ with ``--host-memory-gib`` also the host memory of one node (its ``--gpus-per-no
 
 ``--search`` lists every student (TP, PP) and teacher (TP, PP) of the world that splits both models, obeys the
 placement rule (planning/placement.py) and fits, best first: the most student replicas, then the most headroom
-(planning/layout_search.py); exit 1 when none fits.
+(planning/layout_search.py); a mixture-of-experts model's expert parallelism (parallel.expert,
+parallel.teacher.expert) is searched with them; exit 1 when none fits.
 
 The world size comes from ``--world-size``, else ``--nodes`` x ``--gpus-per-node``, else the Slurm allocation; with
 none of them the command stops instead of silently planning for one model-parallel group. Model configs come from
@@ -86,16 +87,19 @@ def main(argv=None) -> None:
         if choices:
             print(f"best: {' '.join(choices[0].overrides)}")
             return
-        _, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
-                                        ranks_per_node=per_node)
+        try:
+            _, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
+                                            ranks_per_node=per_node)
+        except ValueError:   # the config's own layout does not split this world: the table above says enough
+            suggestion = ""
         if suggestion:
             print(f"suggestion: {suggestion}")
         raise SystemExit(1)
     try:
         plan, suggestion = plan_for_config(cfg, world, student, teacher, args.gpu_memory_gib, node,
                                            ranks_per_node=per_node)
-    except ValueError as error:
-        _fail(f"parallel layout: {error}")
+    except ValueError as error:   # the plan's own errors name their key (parallel..., parallel.teacher...)
+        _fail(str(error) if str(error).startswith("parallel") else f"parallel layout: {error}")
     print(plan.table())
     if not plan.fits:
         print(f"suggestion: {suggestion}")

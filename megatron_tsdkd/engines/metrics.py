@@ -89,7 +89,7 @@ def step_metrics(method, reported: Optional[list], rollout, update, phases: Mapp
         "optim/loss_scale": update.loss_scale,   # fp16's dynamic scale, 1 otherwise (may be a device scalar)
         "throughput/tokens_per_s": sum(len(p) + len(r) for p, r in pairs) / max(phases.get("step", 0.0), 1e-9),
     })
-    step_values.update(drift)   # the rollout guard's figures (on-policy steps)
+    step_values.update(drift)   # the rollout guard's figures (on-policy steps), the engine's (loss/router_aux)
     loss_names = ("total",) + method.logs
     sums = [f"loss/{k}" for k in loss_names] + ["tokens/response"]
     diagnostics = list(method.diagnostics) if diagnosed else []
@@ -291,13 +291,16 @@ def startup_summary(cfg, inputs, plan, start_step: int = 0) -> list[str]:
         + f", {cfg.precision.dtype}, on-policy probability {plan.on_policy_prob:g}"
         + (f", rollouts on {_rollout_words(cfg, plan)}" if plan.rollout_backend else "")
         + f", on {device_kind()}",
-        f"layout: TP={lay.tensor} PP={lay.pipeline} DP={lay.data_parallel}, world size {lay.world_size}; {micro} "
+        f"layout: TP={lay.tensor} PP={lay.pipeline} DP={lay.data_parallel}"
+        + (f" EP={lay.expert}" if lay.expert > 1 else "") + f", world size {lay.world_size}; {micro} "
         f"micro-batch{'es' if micro != 1 else ''} of {plan.micro_size} sequences per step on each data-parallel "
         f"rank (global batch {b.global_size})",
     ]
     if plan.teacher_has_own_layout:
         t, g = plan.teacher_layout, replicas_served(plan.layout, plan.teacher_layout)
-        lines.append(f"teacher layout: TP={t.tensor} PP={t.pipeline} DP={t.data_parallel} on its own process groups "
+        experts = f" EP={t.expert}" if t.expert > 1 else ""
+        lines.append(f"teacher layout: TP={t.tensor} PP={t.pipeline} DP={t.data_parallel}{experts} on its own process "
+                     f"groups "
                      f"(each replica serves {g} student replica{'s' if g != 1 else ''}; final hidden states handed "
                      f"to the student's last stage, its output layer re-sharded over the student's TP)")
     lines += [

@@ -107,7 +107,7 @@ class Trainer(TrainingLoop):
         if self.rollouts is not None and self.rollouts.syncs_weights:   # the part of time/rollout feeding vLLM
             phases["weight_sync"] = rollout.sync_seconds
         metrics = step_metrics(self.method, reported if self.engine.computes_losses() else None, rollout, update, phases,
-                               drift, diagnose, self.plan.layout.data_parallel)
+                               {**drift, **self.engine.step_values()}, diagnose, self.plan.layout.data_parallel)
         self.share_watch.observe(self.step, metrics)
         return StepResult(self.step, metrics)
 

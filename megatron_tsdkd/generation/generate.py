@@ -11,6 +11,10 @@ per-row prompt lengths. ``use_kv_cache=False`` re-runs the whole sequence each s
 context, so that only the last position's logits are computed, as in the cached run): the reference the tests
 and the benchmark compare against. ``decode`` is the loop itself, shared with co_generation.py, whose tokens are
 picked from the student's and the teacher's logits together.
+
+A mixture-of-experts model split over expert parallelism exchanges tokens with the other replicas of its EP group
+in every forward, so those replicas (each decoding its own prompts) must run the same number of steps: their stop
+check agrees over the EP group (all of them done), a finished replica decoding padding until then.
 """
 from __future__ import annotations
 
@@ -75,6 +79,25 @@ def _device(model) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
 
+def _expert_parallel_group(models):
+    """The expert-parallel group (size > 1) of a MoE model among ``models``, whose replicas must stop together;
+    None when there is none."""
+    for model in models:
+        group = getattr(model.pg_collection, "ep", None) if model.config.num_moe_experts else None
+        if group is not None and group.size() > 1:
+            return group
+    return None
+
+
+def _all_done(done: torch.Tensor, stop_group) -> bool:
+    """Whether every row has stopped, here and (``stop_group``) on every replica of the EP group: the host sync."""
+    finished = done.all()
+    if stop_group is not None:
+        finished = finished.to(torch.int32)
+        dist.all_reduce(finished, op=dist.ReduceOp.MIN, group=stop_group)
+    return bool(finished)
+
+
 def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eos_token_ids: Iterable[int],
            pad_token_id: int, vocab_size: int,
            use_kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -92,6 +115,7 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
 
     models = [unwrap_model(m) for m in models]  # generation feeds token ids and hidden states to the GPTModel itself
     device = next(models[0].parameters()).device
+    stop_group = _expert_parallel_group(models)
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
@@ -131,7 +155,7 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
             done |= stops
             # The loop's one host sync, every stop_check_interval tokens; every rank holds the same `done`, so all
             # stop together. Finished rows meanwhile get padding and keep their length: same outputs.
-            if (step + 1) % config.stop_check_interval == 0 and bool(done.all()):
+            if (step + 1) % config.stop_check_interval == 0 and _all_done(done, stop_group):
                 break
     return batch.tokens[:, batch.prompt_len:], lengths, done, logprobs
 

@@ -13,6 +13,11 @@ Two things the reload alone gets wrong, handled here:
   parameter gets the new values through the embedding, but whatever its backend derived from the start-up
   weights stays (the CPU build's packed output matrix: greedy decoding of noise, measured on a real
   Qwen2.5-Coder-0.5B). ``_reprocess_shared_weights`` redoes the processing of every layer that shares a weight.
+- A mixture-of-experts layer's experts: the kernel prepares them once, at the first load, and not on a reload
+  (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py:191-205: "setup moe kernel only on the
+  first call"); the CPU build's experts pack themselves into a grouped-GEMM layout there, so a reloaded replica
+  would route tokens through the start-up experts. ``_reprocess_experts`` redoes that preparation after each
+  reload wherever the experts have one (the GPU kernels' hook does nothing).
 - The real vocabulary: the replica is built with exactly the tokenizer's rows (``hf_overrides``), and the
   vocabulary tensors it is fed are cut to them, so ids beyond it (rows no token uses) can never be drawn and
   the log-probabilities it reports are over the same vocabulary as the trainer's (the rollout guard compares them).
@@ -78,6 +83,35 @@ def _reprocess_shared_weights(worker) -> int:
     return len(layers)
 
 
+def _reprocess_experts(worker) -> int:
+    """Runs inside vLLM's worker (``collective_rpc``): redo the experts' own weight preparation of every
+    mixture-of-experts layer whose kernel has one (module docstring); the number of layers redone."""
+    from vllm.model_executor.layers.fused_moe import modular_kernel
+
+    base = modular_kernel.FusedMoEExperts.process_weights_after_loading
+    redone = 0
+    for module in worker.model_runner.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and type(experts).process_weights_after_loading is not base:
+            experts.process_weights_after_loading(module)
+            redone += 1
+    return redone
+
+
+def _groups_with_experts(config) -> None:
+    """vLLM builds its model-parallel groups once per process, with an expert-parallel group only when that first
+    engine's model is a mixture of experts (vllm/distributed/parallel_state.py:2292), and later engines reuse them;
+    a MoE replica in a process whose first replica was dense would then find no EP group. Rebuild them (vLLM's
+    own groups, never the trainer's world) so this engine makes them with one; the dense replicas ask for their
+    groups at each call and get the new ones, of the same sizes."""
+    from vllm.distributed import parallel_state as vllm_groups
+
+    moe = bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+    if moe and vllm_groups.model_parallel_is_initialized() and vllm_groups._EP is None:
+        vllm_groups.destroy_model_parallel()
+
+
 def _external_launcher_env() -> None:
     """The variables vLLM's external-launcher mode reads, from the running world where a launcher left them out
     (the test harness starts its workers without torchrun)."""
@@ -107,6 +141,7 @@ class VllmReplica:
         if reason:
             raise ValueError(f"rollout.engine: {reason}")
         _external_launcher_env()
+        _groups_with_experts(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
                     * torch.finfo(dtype).bits // 8 * max_model_len * max_rows)
@@ -131,6 +166,7 @@ class VllmReplica:
         cut = ((name, tensor[:self.vocab_size] if name in VOCABULARY_TENSORS else tensor) for name, tensor in weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cut, "is_checkpoint_format": True})
         self.llm.collective_rpc(_reprocess_shared_weights)
+        self.llm.collective_rpc(_reprocess_experts)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -73,11 +73,15 @@ def resolve_attention_backend(name: str) -> str:
 
 
 def attention_layer_spec(backend: str, spec):
-    """The GPT layer ModuleSpec for ``backend`` (see module doc) and ``spec`` (an ArchSpec: qk norm or not)."""
+    """The GPT layer ModuleSpec for ``backend`` (see module doc) and ``spec`` (an ArchSpec: qk norm or not, MoE
+    or dense MLP)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     backend = resolve_attention_backend(backend)
-    layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    # a MoE model's MLP: megatron's MoELayer with sequential experts (grouped GEMM needs TE or the grouped_gemm
+    # package and lays the expert weights out differently)
+    layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm",
+                                     num_experts=spec.num_experts or None, moe_grouped_gemm=False)
     if backend == "sdpa":
         layer.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
     elif backend == "te":

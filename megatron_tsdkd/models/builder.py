@@ -54,13 +54,55 @@ def _spec(hf_config) -> ArchSpec:
     return hf_config if isinstance(hf_config, ArchSpec) else arch_spec(hf_config)
 
 
-def _group_sizes(groups) -> tuple[int, int]:
-    """(TP, PP) of ``groups`` (a ProcessGroupCollection), or of megatron's parallel_state when None."""
+def _group_sizes(groups, spec: ArchSpec) -> tuple[int, int, int]:
+    """(TP, PP, EP) of ``groups`` (a ProcessGroupCollection), or of megatron's parallel_state when None; EP is 1
+    for a dense model (parallel_state's expert groups are a MoE model's beside it)."""
     if groups is not None:
-        return groups.tp.size(), groups.pp.size()
-    from megatron.core import parallel_state as ps
+        ep = getattr(groups, "ep", None)
+        tp, pp, ep = groups.tp.size(), groups.pp.size(), ep.size() if ep is not None else 1
+    else:
+        from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        ep = ps.get_expert_model_parallel_world_size()
+    return tp, pp, ep if spec.is_moe else 1
+
+
+def moe_overrides(spec: ArchSpec, ep: int, tp: int) -> dict:
+    """TransformerConfig fields of a Qwen3-MoE model: HF's router (softmax over all experts, top-k, the top-k
+    renormalised when norm_topk_prob; megatron's softmax over the top-k logits is that renormalisation), no
+    shared expert, dropless (no capacity), megatron's sequential experts, the all-to-all dispatcher, each expert
+    split over TP (megatron's default expert tensor parallelism). No load-balancing loss: a frozen teacher and an
+    evaluated model need none; a trained student asks for it (``router_aux_loss_overrides``)."""
+    if not spec.is_moe:
+        return {}
+    _without_transformer_engine_router_gemm()
+    return dict(num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_top_k,
+                moe_ffn_hidden_size=spec.moe_ffn_hidden_size, moe_router_pre_softmax=not spec.moe_norm_topk_prob,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall",
+                moe_grouped_gemm=False, moe_expert_capacity_factor=None, moe_permute_fusion=False,
+                expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
+
+
+def _without_transformer_engine_router_gemm() -> None:
+    """megatron-core 0.16.1's router reads ``te_general_gemm`` whenever it routes (moe_utils.py:1192), a name
+    that exists only when Transformer Engine imports; without TE (this project's local spec, on any device) the
+    router would raise NameError. Define it as absent, which is what the code means; a no-op with TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def router_aux_loss_overrides(spec: ArchSpec, coefficient: Optional[float]) -> dict:
+    """A trained MoE student's load-balancing loss, as megatron-core computes and back-propagates it (aux_loss:
+    the Switch-Transformer loss over each micro-batch, scaled by ``coefficient``; None: the HF config's
+    router_aux_loss_coef)."""
+    if not spec.is_moe:
+        return {}
+    coefficient = spec.router_aux_loss_coef if coefficient is None else coefficient
+    return dict(moe_router_load_balancing_type="aux_loss" if coefficient > 0 else "none",
+                moe_aux_loss_coeff=float(coefficient))
 
 
 def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.float32, groups=None, **overrides):
@@ -69,8 +111,8 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec = _spec(hf_config)
-    tp, pp = _group_sizes(groups)
-    check_parallel_layout(spec, tp, pp)
+    tp, pp, ep = _group_sizes(groups, spec)
+    check_parallel_layout(spec, tp, pp, ep=ep)
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -105,6 +147,7 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
+        **moe_overrides(spec, ep, tp),
     )
     kwargs.update(overrides)
     # Random weights are drawn whole on the host and split (megatron's CPU initialisation), so one seed gives the
@@ -158,16 +201,16 @@ def build_model(hf_config, *, params_dtype: torch.dtype = torch.float32, padded_
     """This rank's stage of a GPTModel laid out like ``hf_config``; vocab padded for TP unless given.
     ``attention_backend``: one of attention.ATTENTION_BACKENDS ('auto': TE if importable on GPU, else SDPA on GPU,
     else local). ``recompute``: one of RECOMPUTE_MODES. ``groups``: megatron-core's ProcessGroupCollection of a
-    model laid out on process groups of its own (tp, pp, cp, embd, pos_embd; engines/megatron/teacher_layout.py),
-    else parallel_state's. ``config_overrides`` (TransformerConfig fields) win."""
+    model laid out on process groups of its own (tp, pp, cp, embd, pos_embd, and a MoE model's expert groups;
+    engines/megatron/teacher_layout.py), else parallel_state's. ``config_overrides`` (TransformerConfig fields) win."""
     backend = resolve_attention_backend(attention_backend)   # both checked before anything is imported or built
     overrides = {**recompute_overrides(recompute), **config_overrides}
     from megatron.core.models.gpt import GPTModel
 
     spec = _spec(hf_config)
-    tp, pp = _group_sizes(groups)
+    tp, pp, ep = _group_sizes(groups, spec)
     vocab = padded_vocab_size if padded_vocab_size is not None else _default_padded(spec.vocab_size, tp)
-    check_parallel_layout(spec, tp, pp, padded_vocab=vocab)
+    check_parallel_layout(spec, tp, pp, padded_vocab=vocab, ep=ep)
     with warnings.catch_warnings():
         if backend != "te":  # megatron warns that TE's fused attention needs no core_attn recompute: not ours
             warnings.filterwarnings("ignore", message="If you are using transformer_engine")

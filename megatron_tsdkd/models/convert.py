@@ -5,7 +5,7 @@ first, in the calling process, before any process group exists. Then the work ne
 holding one shard: under ``torchrun --nproc-per-node N`` (or any launcher that sets RANK/WORLD_SIZE) it uses that
 world (NCCL on GPUs); started as a single process it spawns the N ranks itself on this machine, on the CPU with
 gloo (conversion is I/O bound; no GPU is needed). The distributed checkpoint is reshardable, so TP/PP here only
-choose how the work and memory are split; the trainer may load it at any layout.
+choose how the work and memory are split (and EP, a MoE model's experts); the trainer may load it at any layout.
 """
 from __future__ import annotations
 
@@ -48,27 +48,28 @@ def _clear_target(path: str) -> None:
         os.remove(path)
 
 
-def _start_rank(tp: int, pp: int, out_dir: str, force: bool) -> None:
+def _start_rank(tp: int, pp: int, out_dir: str, force: bool, ep: int = 1) -> None:
     """Process groups for this rank; rank 0 clears a forced target before anyone writes."""
     import torch.distributed as dist
 
-    init_distributed(ParallelLayout(tensor=tp, pipeline=pp))
+    init_distributed(ParallelLayout(tensor=tp, pipeline=pp, expert=ep))
     if force and dist.get_rank() == 0:
         _clear_target(out_dir)
     barrier()
 
 
-def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.dtype, force: bool = False) -> None:
+def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.dtype, force: bool = False,
+                     ep: int = 1) -> None:
     """One rank's share of hf-to-mcore: load its shard from safetensors and save it in the distributed checkpoint."""
-    _start_rank(tp, pp, out_dir, force)
+    _start_rank(tp, pp, out_dir, force, ep)
     source = resolve_model_source(hf_dir, "hf")
     save_mcore_weights(load_model(source, dtype=dtype), out_dir, hf_meta_src=source.meta_dir)
 
 
 def mcore_to_hf_rank(mcore_dir: str, out_dir: str, tp: int, pp: int, dtype: Optional[torch.dtype],
-                     force: bool = False) -> None:
+                     force: bool = False, ep: int = 1) -> None:
     """One rank's share of mcore-to-hf: load its shard from the distributed checkpoint, then export together."""
-    _start_rank(tp, pp, out_dir, force)
+    _start_rank(tp, pp, out_dir, force, ep)
     source = resolve_model_source(mcore_dir, "mcore")
     export_hf(load_model(source), out_dir, source.meta_dir, dtype=dtype)
 
@@ -89,7 +90,7 @@ def run_world(world_size: int, fn: Callable, *args) -> None:
         found = dist.get_world_size() if dist.is_initialized() else int(
             os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         if found != world_size:
-            raise ModelError(f"the launcher started {found} processes but --tp x --pp = {world_size}")
+            raise ModelError(f"the launcher started {found} processes but --tp x --pp x --ep = {world_size}")
         owns_group = not dist.is_initialized()
         fn(*args)
         if owns_group:
@@ -116,13 +117,14 @@ def run_world(world_size: int, fn: Callable, *args) -> None:
 
 
 def prepare_conversion(command: str, source_path: str, out: str, tp: int, pp: int, dtype: Optional[torch.dtype],
-                       force: bool) -> tuple[Callable, tuple]:
+                       force: bool, ep: int = 1) -> tuple[Callable, tuple]:
     """Every check a user can fail, before any process group; returns the per-rank function and its arguments.
-    ``command``: "hf-to-mcore" or "mcore-to-hf"; ``dtype`` None keeps the source's."""
+    ``command``: "hf-to-mcore" or "mcore-to-hf"; ``dtype`` None keeps the source's; ``ep``: a MoE model's experts
+    split over that many ranks (the world is tp x pp x ep)."""
     source = resolve_model_source(source_path, "hf" if command == "hf-to-mcore" else "mcore")
-    check_parallel_layout(source.hf_config, tp, pp)
+    check_parallel_layout(source.hf_config, tp, pp, ep=ep)
     check_target(out, force, sources=(source.weights,))
     if command == "hf-to-mcore":
         source.check_weights()
-        return hf_to_mcore_rank, (source.weights, out, tp, pp, dtype or source.saved_dtype(), force)
-    return mcore_to_hf_rank, (source.weights, out, tp, pp, dtype, force)
+        return hf_to_mcore_rank, (source.weights, out, tp, pp, dtype or source.saved_dtype(), force, ep)
+    return mcore_to_hf_rank, (source.weights, out, tp, pp, dtype, force, ep)

@@ -1,6 +1,6 @@
 """Read a Hugging Face config and reduce it to the few facts the megatron model and the weight mapping need.
 
-``ArchSpec`` is the single, validated description of a decoder (Qwen2/Qwen2.5, Qwen3, Llama 2/3.x) that the
+``ArchSpec`` is the single, validated description of a decoder (Qwen2/Qwen2.5, Qwen3, Qwen3-MoE, Llama 2/3.x) that the
 builder, the weight mapping, the loader and the exporter share; every unsupported option stops here with one
 sentence naming it.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 
 from megatron_tsdkd.models.errors import ParallelLayoutError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # megatron-core's llama3 rope scaling takes only the factor; the other three are fixed at these values.
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -37,10 +37,21 @@ class ArchSpec:
     rope_factor: Optional[float]      # None for "default"
     max_position_embeddings: int
     init_std: float
+    # mixture of experts (qwen3_moe): every layer's MLP is a router over num_experts SwiGLU experts of width
+    # moe_ffn_hidden_size, moe_top_k of them per token; 0 for a dense model
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = False  # the top-k probabilities renormalised to sum to one (HF norm_topk_prob)
+    router_aux_loss_coef: float = 0.0  # the HF config's load-balancing coefficient (a MoE student's default)
 
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_query_groups
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
 
 def read_hf_config(hf_dir: str):
@@ -96,8 +107,7 @@ def arch_spec(config) -> ArchSpec:
     if layer_types != {"full_attention"}:
         raise UnsupportedModelError(f"{name}: layer_types {sorted(layer_types)} are not supported "
                                     f"(only full_attention)")
-    if getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0):
-        raise UnsupportedModelError(f"{name}: mixture-of-experts layers are not supported")
+    moe = _moe_fields(config, name)
 
     theta, rope_type, factor, params = _rope(config)
     if rope_type == "llama3":
@@ -129,28 +139,60 @@ def arch_spec(config) -> ArchSpec:
         vocab_size=config.vocab_size,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-        qk_norm=model_type == "qwen3",
         norm_eps=float(config.rms_norm_eps),
         rope_theta=theta,
         rope_type=rope_type,
         rope_factor=factor if rope_type != "default" else None,
         max_position_embeddings=config.max_position_embeddings,
         init_std=float(getattr(config, "initializer_range", 0.02)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        **moe,
     )
 
 
-def check_parallel_layout(config, tp: int, pp: int, padded_vocab: Optional[int] = None) -> None:
-    """Raise ParallelLayoutError (one sentence) unless the model splits evenly over TP x PP."""
+def _moe_fields(config, name: str) -> dict:
+    """ArchSpec's mixture-of-experts fields; refuses a MoE layout megatron-core's layers here cannot reproduce."""
+    experts = int(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0) or 0)
+    if config.model_type != "qwen3_moe":
+        if experts:
+            raise UnsupportedModelError(f"{name}: mixture-of-experts layers are supported for qwen3_moe only")
+        return {}
+    if getattr(config, "mlp_only_layers", None):
+        raise UnsupportedModelError(f"{name}: mlp_only_layers {list(config.mlp_only_layers)} (dense layers among "
+                                    f"MoE layers) are not supported")
+    if getattr(config, "decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(f"{name}: decoder_sparse_step {config.decoder_sparse_step} is not supported "
+                                    f"(only 1: every layer a MoE layer)")
+    top_k = int(config.num_experts_per_tok)
+    if not 1 <= top_k <= experts:
+        raise UnsupportedModelError(f"{name}: num_experts_per_tok {top_k} must be between 1 and num_experts "
+                                    f"{experts}")
+    return dict(num_experts=experts, moe_top_k=top_k, moe_ffn_hidden_size=int(config.moe_intermediate_size),
+                moe_norm_topk_prob=bool(getattr(config, "norm_topk_prob", False)),
+                router_aux_loss_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0))
+
+
+def check_parallel_layout(config, tp: int, pp: int, padded_vocab: Optional[int] = None, ep: int = 1) -> None:
+    """Raise ParallelLayoutError (one sentence) unless the model splits evenly over TP x PP (x EP: its experts;
+    each expert is split over TP as megatron-core's default expert tensor parallelism does)."""
     spec = config if isinstance(config, ArchSpec) else arch_spec(config)
     name = f"{spec.model_type} model"
-    if tp < 1 or pp < 1:
-        raise ParallelLayoutError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be at least 1")
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ParallelLayoutError(f"tensor ({tp}), pipeline ({pp}) and expert ({ep}) parallel sizes must be at "
+                                  f"least 1")
+    if ep > 1 and not spec.is_moe:
+        raise ParallelLayoutError(f"{name}: expert parallel {ep} needs a mixture-of-experts model; this one is dense")
+    if spec.is_moe and spec.num_experts % ep:
+        raise ParallelLayoutError(f"{name}: {spec.num_experts} experts are not divisible by expert parallel {ep}")
+    if spec.is_moe and spec.moe_ffn_hidden_size % tp:
+        raise ParallelLayoutError(f"{name}: moe_intermediate_size {spec.moe_ffn_hidden_size} is not divisible by "
+                                  f"tensor parallel {tp}")
     if spec.num_heads % tp:
         raise ParallelLayoutError(f"{name}: {spec.num_heads} attention heads are not divisible by tensor parallel {tp}")
     if spec.num_query_groups % tp:
         raise ParallelLayoutError(f"{name}: {spec.num_query_groups} key/value heads (query groups) are not divisible "
                                   f"by tensor parallel {tp}")
-    if spec.ffn_hidden_size % tp:
+    if not spec.is_moe and spec.ffn_hidden_size % tp:
         raise ParallelLayoutError(f"{name}: intermediate_size {spec.ffn_hidden_size} is not divisible by tensor "
                                   f"parallel {tp}")
     if padded_vocab is not None and (padded_vocab % tp or padded_vocab < spec.vocab_size):

@@ -1,7 +1,8 @@
 """Gather a megatron model's TP/PP shards back to Hugging Face tensors and write a loadable HF folder.
 
 Each pipeline stage is assembled on its first TP rank (of data-parallel replica 0) from an all-gather over its TP
-group, and written by that rank as its own safetensors shard(s): no rank ever holds more than one stage. Rank 0
+group, and written by that rank as its own safetensors shard(s): no rank ever holds more than one stage. A MoE
+model's experts are written by each expert-parallel rank's own writer, so no rank holds more than its experts. Rank 0
 writes model.safetensors.index.json and the HF metadata (config, generation config, tokenizer files) after all
 ranks agreed on the file plan. Every file goes through the one atomic writer (runtime/atomic_files.py): complete
 or absent, with the mode the umask gives (safetensors alone would leave the weights 0600).
@@ -42,9 +43,10 @@ def gathered_shards(local: torch.Tensor, layout, tp: int, group) -> list[torch.T
     return [local] * tp
 
 
-def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
-                            assemble: bool = True) -> dict[str, torch.Tensor]:
-    """Collective over the TP group: this stage's full HF tensors (empty where ``assemble`` is False)."""
+def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None, assemble: bool = True,
+                            experts_only: bool = False) -> dict[str, torch.Tensor]:
+    """Collective over the TP group: this stage's full HF tensors (empty where ``assemble`` is False); a MoE
+    model's experts are this expert-parallel rank's (only those with ``experts_only``)."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -54,6 +56,8 @@ def gather_stage_hf_tensors(model, spec, dtype: Optional[torch.dtype] = None,
     per_rank = [model_layouts(model, spec, tp_rank=r) for r in range(tp)]
     hf: dict[str, torch.Tensor] = {}
     for i, layout in enumerate(per_rank[0]):
+        if experts_only and not layout.expert:
+            continue
         shards = gathered_shards(params[layout.mcore_name].detach(), layout, tp, group)
         if not layout.export or not assemble:
             continue
@@ -96,20 +100,26 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
 
     spec = arch_spec(AutoConfig.from_pretrained(hf_meta_dir, local_files_only=True))
     dtype = dtype or model.config.params_dtype  # every parameter has it (models/builder.py casts the norms too)
-    writer = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    # One writer per stage: TP rank 0 of data-parallel replica 0; for a MoE model one per stage and expert-parallel
+    # rank (expert-data-parallel replica 0), each writing its own experts, EP rank 0 the rest of the stage too.
+    if spec.is_moe:
+        ep_rank, replica = ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank()
+    else:
+        ep_rank, replica = 0, ps.get_data_parallel_rank()
+    writer = replica == 0 and ps.get_context_parallel_rank() == 0
     tensors: dict[str, torch.Tensor] = {}
     if writer:
         writer = ps.get_tensor_model_parallel_rank() == 0
-        tensors = gather_stage_hf_tensors(model, spec, dtype, assemble=writer)
-    stage = ps.get_pipeline_model_parallel_rank()
-    mine = (stage, [(n, t.numel() * t.element_size()) for n, t in tensors.items()]) if writer else None
+        tensors = gather_stage_hf_tensors(model, spec, dtype, assemble=writer, experts_only=ep_rank > 0)
+    part = (ps.get_pipeline_model_parallel_rank(), ep_rank)
+    mine = (part, [(n, t.numel() * t.element_size()) for n, t in tensors.items()]) if writer else None
     everyone = all_gather_objects(mine)
-    sizes_per_stage = [sizes for _, sizes in sorted(x for x in everyone if x is not None)]
-    plan = _plan(sizes_per_stage, max_shard_bytes)
+    parts = sorted(x for x in everyone if x is not None)
+    plan = _plan([sizes for _, sizes in parts], max_shard_bytes)
     total_files = sum(len(files) for files in plan)
     names = [f"model-{i + 1:05d}-of-{total_files:05d}.safetensors" for i in range(total_files)]
 
-    files_in_order = [(s, members) for s, files in enumerate(plan) for members in files]
+    files_in_order = [(parts[i][0], members) for i, files in enumerate(plan) for members in files]
     weight_map = {n: names[i] for i, (_, members) in enumerate(files_in_order) for n in members}
     missing = set(hf_tensor_shapes(spec)) - set(weight_map)
     if missing:  # a mapping bug, not a user error; every rank raises alike
@@ -120,12 +130,12 @@ def export_hf(model, out_dir: str, hf_meta_dir: str, *, dtype: Optional[torch.dt
             shutil.rmtree(out_dir)
         os.makedirs(out_dir, exist_ok=True)
     barrier()
-    for i, (s, members) in enumerate(files_in_order):
-        if writer and s == stage:
+    for i, (owner, members) in enumerate(files_in_order):
+        if writer and owner == part:
             shard = {n: tensors[n].contiguous() for n in members}
             write_atomic(os.path.join(out_dir, names[i]), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
     if dist.get_rank() == 0:
-        total = sum(nbytes for sizes in sizes_per_stage for _, nbytes in sizes)
+        total = sum(nbytes for _, sizes in parts for _, nbytes in sizes)
         write_json_atomic(os.path.join(out_dir, INDEX_FILE),
                           {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         copy_hf_meta(hf_meta_dir, out_dir)

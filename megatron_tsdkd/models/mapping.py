@@ -8,6 +8,9 @@ it does not need), the exporter cuts gathered shards back into pieces, and the t
 Layouts encoded here (megatron-core's local GPT spec):
 - linear_qkv: per query group g of this rank, [q heads of g | k head g | v head g] along rows (bias alike);
 - linear_fc1 (SwiGLU): [gate rows of this rank | up rows of this rank];
+- mixture of experts (qwen3_moe): mlp.router is HF's mlp.gate (replicated); local expert j of expert-parallel rank
+  e is HF expert e * (experts / EP) + j, its linear_fc1 / linear_fc2 split over TP like a dense MLP's
+  (megatron-core's SequentialMLP, expert tensor parallelism = TP);
 - linear_proj / linear_fc2: split along columns (input dim); embedding / output layer: rows of the padded
   vocabulary; norms (incl. Qwen3's q/k norm): replicated;
 - tied embeddings: the last stage's output_layer (only when it is not also the first stage) is a copy of
@@ -17,7 +20,7 @@ Python >= 3.12), so it is written by hand.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +56,7 @@ class ShardLayout:
     shard_shape: tuple[int, ...]
     tp_split: bool                   # False: replicated over TP ranks
     export: bool = True              # False for the tied output layer copy of the embedding
+    expert: bool = False             # an expert's weight: each expert-parallel rank holds different experts
 
     def assemble(self, read: Callable[[Piece], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The megatron shard built from HF slices returned by ``read``; padding rows are zero."""
@@ -89,16 +93,24 @@ def hf_tensor_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (ffn, h),
-            p + "mlp.up_proj.weight": (ffn, h),
-            p + "mlp.down_proj.weight": (h, ffn),
         })
+        if spec.is_moe:
+            shapes[p + "mlp.gate.weight"] = (spec.num_experts, h)
+            for e in range(spec.num_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", spec.moe_ffn_hidden_size, h))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", ffn, h))
         if spec.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
         if spec.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     return shapes
+
+
+def _mlp_shapes(prefix: str, ffn: int, h: int) -> dict[str, tuple[int, int]]:
+    return {prefix + "gate_proj.weight": (ffn, h), prefix + "up_proj.weight": (ffn, h),
+            prefix + "down_proj.weight": (h, ffn)}
 
 
 def _replicated(mcore_name: str, hf_name: str, shape: tuple[int, ...]) -> ShardLayout:
@@ -134,17 +146,33 @@ def _qkv(mcore_name: str, hf_prefix: str, suffix: str, spec: ArchSpec, tp_rank: 
     return ShardLayout(mcore_name, tuple(pieces), 0, shape, tp_split=True)
 
 
-def _gate_up(mcore_name: str, hf_prefix: str, spec: ArchSpec, tp_rank: int, tp: int) -> ShardLayout:
-    rows = spec.ffn_hidden_size // tp
+def _mlp(mcore_prefix: str, hf_prefix: str, ffn: int, h: int, tp_rank: int, tp: int,
+         expert: bool = False) -> list[ShardLayout]:
+    """A SwiGLU MLP's linear_fc1 ([gate rows of this rank | up rows of this rank]) and linear_fc2 (columns)."""
+    rows = ffn // tp
     start, stop = tp_rank * rows, (tp_rank + 1) * rows
     pieces = (Piece(hf_prefix + "gate_proj.weight", 0, start, stop),
               Piece(hf_prefix + "up_proj.weight", 0, start, stop))
-    return ShardLayout(mcore_name, pieces, 0, (2 * rows, spec.hidden_size), tp_split=True)
+    fc2 = _split(mcore_prefix + "linear_fc2.weight", hf_prefix + "down_proj.weight", (h, ffn), 1, tp_rank, tp)
+    return [ShardLayout(mcore_prefix + "linear_fc1.weight", pieces, 0, (2 * rows, h), tp_split=True, expert=expert),
+            replace(fc2, expert=expert)]
+
+
+def _moe(mcore_prefix: str, hf_prefix: str, spec: ArchSpec, tp_rank: int, tp: int, ep_rank: int,
+         ep: int) -> list[ShardLayout]:
+    """A MoE layer: the router (HF's gate), then this expert-parallel rank's experts."""
+    out = [_replicated(mcore_prefix + "router.weight", hf_prefix + "gate.weight", (spec.num_experts, spec.hidden_size))]
+    local = spec.num_experts // ep
+    for j in range(local):
+        out += _mlp(f"{mcore_prefix}experts.local_experts.{j}.", f"{hf_prefix}experts.{ep_rank * local + j}.",
+                    spec.moe_ffn_hidden_size, spec.hidden_size, tp_rank, tp, expert=True)
+    return out
 
 
 def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Sequence[int], pre_process: bool,
-                  post_process: bool, padded_vocab: int, has_output_weight: bool) -> list[ShardLayout]:
-    """Layouts of every parameter of one pipeline stage on one TP rank.
+                  post_process: bool, padded_vocab: int, has_output_weight: bool, ep_rank: int = 0,
+                  ep: int = 1) -> list[ShardLayout]:
+    """Layouts of every parameter of one pipeline stage on one TP rank (and expert-parallel rank: its experts).
 
     ``layer_numbers``: the global 0-based HF layer index of each local megatron layer, in order.
     ``has_output_weight``: whether the stage's output_layer owns a weight (False when tied on the first stage).
@@ -166,8 +194,10 @@ def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Seque
         out.append(_split(m + "self_attention.linear_proj.weight", p + "self_attn.o_proj.weight",
                           shapes[p + "self_attn.o_proj.weight"], 1, tp_rank, tp))
         out.append(_replicated(m + "pre_mlp_layernorm.weight", p + "post_attention_layernorm.weight", (h,)))
-        out.append(_gate_up(m + "mlp.linear_fc1.weight", p + "mlp.", spec, tp_rank, tp))
-        out.append(_split(m + "mlp.linear_fc2.weight", p + "mlp.down_proj.weight", (h, ffn), 1, tp_rank, tp))
+        if spec.is_moe:
+            out += _moe(m + "mlp.", p + "mlp.", spec, tp_rank, tp, ep_rank, ep)
+        else:
+            out += _mlp(m + "mlp.", p + "mlp.", ffn, h, tp_rank, tp)
     if post_process:
         out.append(_replicated("decoder.final_layernorm.weight", "model.norm.weight", (h,)))
         if has_output_weight:
@@ -177,12 +207,17 @@ def stage_layouts(spec: ArchSpec, *, tp_rank: int, tp: int, layer_numbers: Seque
     return out
 
 
-def model_layouts(model, spec: ArchSpec, tp_rank: int | None = None) -> list[ShardLayout]:
-    """``stage_layouts`` for a built GPTModel stage, on this rank (or on ``tp_rank`` of its TP group): the model's
-    own tensor-parallel group (parallel_state's unless it was built on groups of its own)."""
+def model_layouts(model, spec: ArchSpec, tp_rank: int | None = None, ep_rank: int | None = None) -> list[ShardLayout]:
+    """``stage_layouts`` for a built GPTModel stage, on this rank (or on ``tp_rank`` of its TP group, ``ep_rank``
+    of its expert-parallel group): the model's own groups (parallel_state's unless it was built on groups of its
+    own)."""
     tp_group = model.pg_collection.tp
+    ep_group = getattr(model.pg_collection, "ep", None) if spec.is_moe else None
+    ep_size = ep_group.size() if ep_group is not None else 1
     return stage_layouts(
         spec,
+        ep_rank=(ep_group.rank() if ep_size > 1 else 0) if ep_rank is None else ep_rank,
+        ep=ep_size,
         tp_rank=tp_group.rank() if tp_rank is None else tp_rank,
         tp=tp_group.size(),
         layer_numbers=[layer.layer_number - 1 for layer in model.decoder.layers],

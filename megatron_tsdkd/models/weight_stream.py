@@ -135,15 +135,30 @@ def _hf_tensors(buffer: torch.Tensor, bucket: _Bucket, per_rank: Sequence[Sequen
             yield name, hf.pop(name)
 
 
+def _expert_parallel(spec):
+    """(EP, this rank's EP rank, the EP group's global ranks) of a MoE model laid out by parallel_state; EP 1 for a
+    dense one."""
+    from megatron.core import parallel_state as ps
+
+    ep = ps.get_expert_model_parallel_world_size() if spec.is_moe else 1
+    if ep == 1:
+        return 1, 0, [None]
+    group = ps.get_expert_model_parallel_group()
+    return ep, ps.get_expert_model_parallel_rank(), dist.get_process_group_ranks(group)
+
+
 def stream_hf_tensors(model, spec, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every tensor of the HF checkpoint of ``model`` (a GPTModel stage, unwrapped),
     identical on every rank of its model-parallel group; dtype and device are the model's. ``bucket_bytes`` bounds
-    the parameters gathered and broadcast at once (see the module docstring)."""
+    the parameters gathered and broadcast at once (see the module docstring). A MoE model split over expert
+    parallelism (EP > 1) streams each EP rank's experts in turn, its buckets broadcast from that rank over the stage's
+    EP group before the pipeline broadcast: collective over the EP groups too, every EP rank gets every expert."""
     from megatron.core import parallel_state as ps
 
     tp, tp_group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
     tp_rank = ps.get_tensor_model_parallel_rank()
     pp, pp_group = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group()
+    ep, ep_rank, ep_ranks = _expert_parallel(spec)
     my_stage = ps.get_pipeline_model_parallel_rank()
     stage_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [None]
     stages = all_gather_objects(_stage_facts(model), group=pp_group) if pp > 1 else [_stage_facts(model)]
@@ -151,13 +166,19 @@ def stream_hf_tensors(model, spec, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
     sample = next(iter(params.values()))
     shapes = hf_tensor_shapes(spec)
     for stage, facts in enumerate(stages):
-        per_rank = [stage_layouts(spec, tp_rank=r, tp=tp, padded_vocab=model.vocab_size, **facts) for r in range(tp)]
-        for indices in bucket_plan(per_rank, sample.element_size(), bucket_bytes):
-            bucket = _Bucket.of(indices, per_rank[0], tp)
-            buffer = torch.empty(bucket.numel, dtype=sample.dtype, device=sample.device)
-            if stage == my_stage:
-                _fill(buffer, bucket, per_rank[tp_rank], params, tp, tp_group)
-            if pp > 1:
-                dist.broadcast(buffer, src=stage_ranks[stage], group=pp_group)
-            yield from _hf_tensors(buffer, bucket, per_rank, shapes, tp)
-            del buffer
+        for owner in range(ep):   # EP rank 0: the whole stage with its experts; the others: their experts only
+            per_rank = [[layout for layout in stage_layouts(spec, tp_rank=r, tp=tp, padded_vocab=model.vocab_size,
+                                                            ep_rank=owner, ep=ep, **facts)
+                         if owner == 0 or layout.expert] for r in range(tp)]
+            for indices in bucket_plan(per_rank, sample.element_size(), bucket_bytes):
+                bucket = _Bucket.of(indices, per_rank[0], tp)
+                buffer = torch.empty(bucket.numel, dtype=sample.dtype, device=sample.device)
+                if stage == my_stage:
+                    if ep_rank == owner:
+                        _fill(buffer, bucket, per_rank[tp_rank], params, tp, tp_group)
+                    if ep > 1:
+                        dist.broadcast(buffer, src=ep_ranks[owner], group=ps.get_expert_model_parallel_group())
+                if pp > 1:
+                    dist.broadcast(buffer, src=stage_ranks[stage], group=pp_group)
+                yield from _hf_tensors(buffer, bucket, per_rank, shapes, tp)
+                del buffer

@@ -51,14 +51,15 @@ def tokenizer_difference(a, b) -> Optional[str]:
     return None
 
 
-def _source(key: str, model_cfg, layout: tuple[int, int], layout_key: str) -> ModelSource:
-    """The model at ``key``, split evenly by its (tensor, pipeline) ``layout`` (set by ``layout_key``)."""
+def _source(key: str, model_cfg, layout: tuple[int, int, int], layout_key: str) -> ModelSource:
+    """The model at ``key``, split evenly by its (tensor, pipeline, expert) ``layout`` (set by ``layout_key``)."""
     try:
         source = resolve_model_source(model_cfg.path, model_cfg.format)
     except (ModelError, OSError) as error:
         raise PreflightError(f"{key}: {error}") from None
     try:
-        check_parallel_layout(source.hf_config, *layout)
+        tensor, pipeline, expert = layout
+        check_parallel_layout(source.hf_config, tensor, pipeline, ep=expert)
     except ModelError as error:
         raise PreflightError(f"{layout_key}: {error} ({key}={model_cfg.path})") from None
     try:
@@ -102,13 +103,25 @@ def _hf_folders_only(student: ModelSource, teacher: Optional[ModelSource]) -> No
 def check_inputs(cfg: TrainConfig) -> RunInputs:
     """Read and check every input of ``cfg`` (it is not changed): model sources, tokenizer, token spec, data."""
     p = cfg.parallel
-    student = _source("models.student.path", cfg.models.student, (p.tensor, p.pipeline), "parallel")
+    student = _source("models.student.path", cfg.models.student, (p.tensor, p.pipeline, p.expert), "parallel")
+    if student.arch.is_moe and p.tensor > 1:
+        raise PreflightError(f"parallel.tensor: a mixture-of-experts student trains at tensor parallel 1 only "
+                             f"(megatron-core's MoE layers need sequence parallelism under tensor parallelism in "
+                             f"training, which this trainer does not run); split it with parallel.expert and "
+                             f"parallel.pipeline instead, got {p.tensor} (models.student.path={cfg.models.student.path})")
     teacher = None
     if method_class(cfg.method.name).needs_teacher:
-        teacher_key = "parallel.teacher" if teacher_layout_of(p) != (p.tensor, p.pipeline) else "parallel"
-        teacher = _source("models.teacher.path", cfg.models.teacher, teacher_layout_of(p), teacher_key)
+        teacher_key = ("parallel.teacher" if teacher_layout_of(p) != (p.tensor, p.pipeline) or p.teacher.expert != 1
+                       else "parallel")
+        teacher = _source("models.teacher.path", cfg.models.teacher, (*teacher_layout_of(p), p.teacher.expert),
+                          teacher_key)
     if cfg.engine == "deepspeed":
         _hf_folders_only(student, teacher)
+        moe = next((key for key, s in (("models.student.path", student), ("models.teacher.path", teacher))
+                    if s is not None and s.arch.is_moe), None)
+        if moe:
+            raise PreflightError(f"{moe}: mixture-of-experts models run on engine=megatron (megatron-core's MoE "
+                                 f"layers, expert parallelism); engine=deepspeed trains dense models only")
     try:
         tokenizer = load_tokenizer(cfg.models.tokenizer or student.meta_dir)
         chat = ChatTemplateTokenizer(tokenizer)

@@ -90,11 +90,12 @@ def search_for_config(cfg, world_size: int, student: ArchSpec, teacher: Optional
 
 
 def with_layout(cfg, student: Layout, teacher: Layout):
-    """A copy of ``cfg`` at the student's and the teacher's (tensor, pipeline) (``cfg`` is not changed)."""
+    """A copy of ``cfg`` at the student's and the teacher's (tensor, pipeline, expert) (``cfg`` is not changed)."""
     p = cfg.parallel
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
-        p, tensor=student.tensor, pipeline=student.pipeline,
-        teacher=dataclasses.replace(p.teacher, tensor=teacher.tensor, pipeline=teacher.pipeline)))
+        p, tensor=student.tensor, pipeline=student.pipeline, expert=student.expert,
+        teacher=dataclasses.replace(p.teacher, tensor=teacher.tensor, pipeline=teacher.pipeline,
+                                    expert=teacher.expert)))
 
 
 def _fitting_plan(cfg, world_size, student, teacher, gpu_memory_gib, node, vllm) -> MemoryPlan:

@@ -4,10 +4,13 @@ student's pipeline stages (the same TP x PP), or on a layout of its own (``paral
 Parameter counts are exact per rank: they are read off the HF <-> megatron mapping (models/mapping.py), which lists
 every parameter shard of every stage as megatron-core's GPTModel allocates it (embedding on the first pipeline
 stage, final norm and output layer on the last, a tied output layer duplicated on the last stage when PP > 1,
-column/row-parallel weights sliced over TP, norms replicated, the vocabulary padded as the trainer pads it). Gradient and optimizer bytes follow the trainer's
-choices (fp32 gradient buffer, Adam moments and fp32 master weights, sharded over data-parallel ranks with the
-distributed optimizer). Activations, KV cache and loss buffers are estimates from tensor shapes (stated below), and
-a fixed reserve covers the CUDA context, NCCL buffers and allocator slack.
+column/row-parallel weights sliced over TP, norms replicated, the vocabulary padded as the trainer pads it; a
+mixture-of-experts layer's router replicated and its experts split over EP x TP: experts / EP per rank, each sliced
+over TP). Gradient and optimizer bytes follow the trainer's choices (fp32 gradient buffer, Adam moments and fp32
+master weights, sharded with the distributed optimizer: over the data-parallel ranks, an expert's over the DP / EP
+ranks that hold it, megatron-core's expert data-parallel group). Activations, KV cache, loss buffers and a MoE
+layer's token-dispatcher buffers are estimates from tensor shapes (stated below), and a fixed reserve covers the
+CUDA context, NCCL buffers and allocator slack.
 
 A teacher on its own layout (engines/megatron/teacher_layout.py) runs forward only, before the student's 1F1B, over
 the micro-batches of the g = (TP_t x PP_t) / (TP_s x PP_s) student replicas it serves. Per GPU: its weights at
@@ -33,11 +36,13 @@ from typing import Optional
 from megatron_tsdkd.config import teacher_layout_of
 from megatron_tsdkd.methods import method_class
 from megatron_tsdkd.models.dtypes import DTYPES
-from megatron_tsdkd.models.hf_config import ArchSpec, arch_spec, check_parallel_layout, read_hf_config
+from megatron_tsdkd.models.hf_config import (ArchSpec, ParallelLayoutError, arch_spec, check_parallel_layout,
+                                             read_hf_config)
 from megatron_tsdkd.models.mapping import stage_layouts
 from megatron_tsdkd.models.token_spec import shared_padded_vocab
 from megatron_tsdkd.planning.host_memory_plan import HostPlan
-from megatron_tsdkd.planning.placement import Layout, placement_problem, replicas_served, stage_pairs
+from megatron_tsdkd.planning.placement import (Layout, placement_problem, replicas_served, rides_co_located,
+                                               stage_pairs)
 
 GIB = 1024**3
 GRAD_BUFFER_BYTES = 4           # the trainer's DDP reduces gradients in fp32 (grad_reduce_in_fp32=True)
@@ -60,31 +65,40 @@ class MemoryPlanError(ValueError):
 
 @lru_cache(maxsize=4096)
 def _mapped_parameters(spec: ArchSpec, tp: int, layers: int, first: bool, last: bool, padded_vocab: int,
-                       head: bool = True) -> int:
-    """Parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank, counted from the
-    mapping's shard shapes. Every layer has the same shards, so one layer is counted and multiplied. ``head``:
+                       head: bool = True, ep: int = 1) -> tuple[int, int]:
+    """(all, experts'): parameters of ``layers`` transformer layers plus the stage's ends, on one TP rank of one
+    expert-parallel rank, counted from the mapping's shard shapes, and how many of them are experts' (each EP rank
+    holds different ones). Every layer has the same shards, so one layer is counted and multiplied. ``head``:
     whether the last stage keeps its output layer (a teacher on its own layout does not)."""
-    def count(layouts) -> int:
-        return sum(math.prod(layout.shard_shape) for layout in layouts)
+    def count(layouts, experts_only: bool = False) -> int:
+        return sum(math.prod(layout.shard_shape) for layout in layouts if layout.expert or not experts_only)
 
-    layer = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[0], pre_process=False, post_process=False,
-                                padded_vocab=padded_vocab, has_output_weight=False))
+    layer = stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[0], pre_process=False, post_process=False,
+                          padded_vocab=padded_vocab, has_output_weight=False, ep_rank=0, ep=ep)
     ends = count(stage_layouts(spec, tp_rank=0, tp=tp, layer_numbers=[], pre_process=first, post_process=last,
                                padded_vocab=padded_vocab,
                                has_output_weight=head and last and not (spec.tie_embeddings and first)))
-    return layers * layer + ends
+    return layers * count(layer) + ends, layers * count(layer, experts_only=True)
 
 
-def layer_parameters(spec: ArchSpec, tp: int, padded_vocab: int) -> int:
-    """One transformer layer's parameters on one TP rank."""
-    return _mapped_parameters(spec, tp, 1, False, False, padded_vocab)
+def layer_parameters(spec: ArchSpec, tp: int, padded_vocab: int, ep: int = 1) -> int:
+    """One transformer layer's parameters on one TP rank (of one expert-parallel rank)."""
+    return _mapped_parameters(spec, tp, 1, False, False, padded_vocab, ep=ep)[0]
 
 
-def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int, head: bool = True) -> int:
+def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int, head: bool = True,
+                     ep: int = 1) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (0-based): exact, as megatron-core allocates them. All
     are in the model's dtype (models/builder.py gives the norms that dtype too). ``head=False``: without the output
-    layer (a teacher on its own layout hands its final hidden states over instead)."""
-    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab, head)
+    layer (a teacher on its own layout hands its final hidden states over instead). ``ep``: a MoE model's expert
+    parallelism (the rank holds experts / ep of each layer's experts)."""
+    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab, head, ep)[0]
+
+
+def stage_expert_parameters(spec: ArchSpec, tp: int, pp: int, stage: int, padded_vocab: int, ep: int = 1) -> int:
+    """The experts' share of ``stage_parameters`` (0 for a dense model): their gradients are reduced, and their
+    optimizer state sharded, over the DP / EP ranks that hold the same experts, not over all data-parallel ranks."""
+    return _mapped_parameters(spec, tp, spec.num_layers // pp, stage == 0, stage == pp - 1, padded_vocab, ep=ep)[1]
 
 
 def head_copy_parameters(teacher: ArchSpec, student_tp: int, padded_vocab: int) -> int:
@@ -96,6 +110,15 @@ def head_copy_parameters(teacher: ArchSpec, student_tp: int, padded_vocab: int) 
 def total_parameters(spec: ArchSpec) -> int:
     """The unsharded model's parameters (HF count: vocabulary unpadded, tied embedding once)."""
     return stage_parameters(spec, 1, 1, 0, spec.vocab_size)
+
+
+def active_parameters(spec: ArchSpec) -> int:
+    """The parameters one token passes through (the count FLOPs per token follow): a MoE model's attention, router,
+    norms, embeddings and its top-k experts of each layer, all of a dense model's (HF count, as total_parameters)."""
+    if not spec.is_moe:
+        return total_parameters(spec)
+    experts = stage_expert_parameters(spec, 1, 1, 0, spec.vocab_size)
+    return total_parameters(spec) - experts // spec.num_experts * (spec.num_experts - spec.moe_top_k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +146,8 @@ class PlanInputs:
     teacher_tp: Optional[int] = None   # the teacher's own layout (parallel.teacher.*); None: the student's
     teacher_pp: Optional[int] = None
     teacher_colocated: bool = True     # in the student's layout: in its stages (true) or on groups of its own
+    ep: int = 1                        # parallel.expert: a MoE student's experts over this many data-parallel ranks
+    teacher_ep: int = 1                # parallel.teacher.expert: a MoE teacher's (co-located: equal to ``ep``)
 
     @property
     def dp(self) -> int:
@@ -130,17 +155,18 @@ class PlanInputs:
 
     @property
     def student_layout(self) -> Layout:
-        return Layout(self.tp, self.pp, self.world_size)
+        return Layout(self.tp, self.pp, self.world_size, expert=self.ep)
 
     @property
     def teacher_layout(self) -> Layout:
-        return Layout(self.teacher_tp or self.tp, self.teacher_pp or self.pp, self.world_size)
+        return Layout(self.teacher_tp or self.tp, self.teacher_pp or self.pp, self.world_size, expert=self.teacher_ep)
 
-    @property
-    def teacher_on_own_groups(self) -> bool:
+    def teacher_on_own_groups(self, teacher: ArchSpec) -> bool:
         """A teacher runs on process groups of its own with its own forward pass (engines/megatron/teacher_layout.py):
-        its TP x PP differs from the student's, or parallel.teacher.colocated=false."""
-        return self.teacher_layout != self.student_layout or not self.teacher_colocated
+        its TP x PP differs from the student's, parallel.teacher.colocated=false, or a MoE teacher's expert
+        parallelism differs from the student's (co-located, it shares the student's expert groups; the run plan's
+        rule, placement.py ``rides_co_located``)."""
+        return not rides_co_located(self.student_layout, self.teacher_layout, self.teacher_colocated, teacher.is_moe)
 
     @property
     def micro_batches(self) -> int:
@@ -172,7 +198,7 @@ class MemoryPlan:
 
     @property
     def teacher_has_own_layout(self) -> bool:
-        return self.teacher is not None and self.inputs.teacher_on_own_groups
+        return self.teacher is not None and self.inputs.teacher_on_own_groups(self.teacher)
 
     @cached_property
     def columns(self) -> list[tuple[int, int]]:
@@ -218,13 +244,15 @@ class MemoryPlan:
     # ---- text ----
     def layout_line(self) -> str:
         i = self.inputs
-        where = f"TP={i.tp} PP={i.pp} DP={i.dp}"
+        where = f"TP={i.tp} PP={i.pp} DP={i.dp}{_experts(self.student, i.ep)}"
         if self.teacher_has_own_layout:
             t = i.teacher_layout
-            where = (f"student {where}, teacher TP={t.tensor} PP={t.pipeline} DP={t.data_parallel} on its own process "
-                     f"groups (serving {_replicas(replicas_served(i.student_layout, t))})")
+            where = (f"student {where}, teacher TP={t.tensor} PP={t.pipeline} DP={t.data_parallel}"
+                     f"{_experts(self.teacher, t.expert)} on its own process groups (serving "
+                     f"{_replicas(replicas_served(i.student_layout, t))})")
         elif self.teacher:
-            where = f"student and teacher (co-located) {where}"
+            where = (f"student and teacher (co-located) {where}"
+                     f"{_experts(self.teacher, i.teacher_ep) if not self.student.is_moe else ''}")
         return (f"{where} (world {i.world_size}), micro-batch {i.micro_batch} x "
                 f"{i.micro_batches} per step (global {i.global_batch}), sequence {i.seq_len}, {i.dtype}, "
                 f"distributed optimizer {'on' if i.distributed_optimizer else 'off'}, "
@@ -287,9 +315,16 @@ def _replicas(count: int) -> str:
     return f"{count} student replica{'s' if count != 1 else ''}"
 
 
+def _experts(spec: ArchSpec, ep: int) -> str:
+    """A MoE model's expert parallelism in the layout line ("" for a dense model)."""
+    return f" EP={ep}" if spec.is_moe else ""
+
+
 def _describe(spec: ArchSpec) -> str:
-    return (f"{spec.model_type}, {total_parameters(spec) / 1e9:.2f}B parameters, {spec.num_layers} layers, hidden "
-            f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_query_groups} kv, vocab {spec.vocab_size}"
+    moe = (f", {active_parameters(spec) / 1e9:.2f}B active ({spec.moe_top_k} of {spec.num_experts} experts of "
+           f"width {spec.moe_ffn_hidden_size} per token)" if spec.is_moe else "")
+    return (f"{spec.model_type}, {total_parameters(spec) / 1e9:.2f}B parameters{moe}, {spec.num_layers} layers, "
+            f"hidden {spec.hidden_size}, {spec.num_heads} heads / {spec.num_query_groups} kv, vocab {spec.vocab_size}"
             f"{', tied embeddings' if spec.tie_embeddings else ''}")
 
 
@@ -299,13 +334,13 @@ def layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, se
                              scores: bool) -> int:
     """What one layer keeps for backward (local spec, no sequence parallelism), as measured against the storages
     autograd saves (tests/test_plan.py): torch RMSNorm, computing in fp32, keeps an fp32 copy of its input, the fp32
-    normalised value and rsqrt; SwiGLU keeps fc1's output, silu(gate), up and their product; rope its cos/sin.
+    normalised value and rsqrt; the MLP what ``mlp_saved_activations`` says; rope its cos/sin.
     ``scores``: the local core attention, which keeps q/k/v repeated to every head, the fp32 softmax (plus its
     low-precision copy) and the mask; fused kernels (SDPA/TE, or core attention recomputed) keep the qkv output,
     the rotated q and k, the context and a logsumexp."""
     h, d, t, e = spec.hidden_size, spec.head_dim, tokens, elem
-    nh, ng, f = spec.num_heads // tp, spec.num_query_groups // tp, spec.ffn_hidden_size // tp
-    saved = 2 * t * (8 * h + 4) + 2 * t * h * e + 5 * t * f * e + 4 * seq * d * e
+    nh, ng = spec.num_heads // tp, spec.num_query_groups // tp
+    saved = 2 * t * (8 * h + 4) + 2 * t * h * e + mlp_saved_activations(spec, tp, t, e) + 4 * seq * d * e
     if spec.qk_norm:
         saved += t * (nh + ng) * (8 * d + 4)
     if scores:
@@ -313,6 +348,25 @@ def layer_saved_activations(spec: ArchSpec, tp: int, tokens: int, batch: int, se
     else:
         saved += t * e * ((nh + 2 * ng) * d + (nh + ng) * d + nh * d) + 4 * t * nh
     return saved
+
+
+def dispatcher_buffers(spec: ArchSpec, tokens: int, elem: int) -> int:
+    """A MoE layer's token dispatcher (megatron-core's alltoall dispatcher): the tokens permuted to their top-k
+    experts going out, and the experts' outputs coming back, tokens x top_k x h each in the activation dtype (a
+    rank receives as many rows as it sends under balanced routing); 0 for a dense model."""
+    return 2 * tokens * spec.moe_top_k * spec.hidden_size * elem if spec.is_moe else 0
+
+
+def mlp_saved_activations(spec: ArchSpec, tp: int, tokens: int, elem: int) -> int:
+    """What one layer's MLP keeps for backward: SwiGLU keeps fc1's output, silu(gate), up and their product (five
+    times its width per row, measured for the dense MLP); a MoE layer's experts the same over the tokens x top_k
+    rows they receive (an estimate, balanced routing), plus the router's fp32 logits and probabilities
+    [tokens, experts] and the dispatcher's permuted tokens both ways (the experts' input, the outputs to combine)."""
+    if not spec.is_moe:
+        return 5 * tokens * (spec.ffn_hidden_size // tp) * elem
+    routed = tokens * spec.moe_top_k
+    return (5 * routed * (spec.moe_ffn_hidden_size // tp) * elem + 2 * tokens * spec.num_experts * 4
+            + dispatcher_buffers(spec, tokens, elem))
 
 
 def stage_end_activations(spec: ArchSpec, tp: int, tokens: int, elem: int, first: bool, last: bool) -> int:
@@ -323,43 +377,54 @@ def stage_end_activations(spec: ArchSpec, tp: int, tokens: int, elem: int, first
 
 def layer_working_set(spec: ArchSpec, tp: int, tokens: int, batch: int, seq: int, elem: int, scores: bool) -> int:
     """Transient peak inside one layer's forward: attention scores and probabilities (local core attention), or
-    the SwiGLU activations."""
+    the SwiGLU activations (a MoE layer's: over the tokens x top_k rows its experts receive, with the token
+    dispatcher's buffers, one layer in flight at a time)."""
     attention = 2 * batch * (spec.num_heads // tp) * seq * seq if scores else 0
-    mlp = tokens * 3 * spec.ffn_hidden_size // tp
-    return (max(attention, mlp) + 2 * tokens * spec.hidden_size) * elem
+    if spec.is_moe:
+        mlp = (tokens * spec.moe_top_k * 3 * spec.moe_ffn_hidden_size // tp * elem
+               + dispatcher_buffers(spec, tokens, elem))
+    else:
+        mlp = tokens * 3 * spec.ffn_hidden_size // tp * elem
+    return max(attention * elem, mlp) + 2 * tokens * spec.hidden_size * elem
 
 
 def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInputs) -> MemoryPlan:
     """The per-GPU memory plan, a column per kind of GPU (``MemoryPlan.columns``); raises ParallelLayoutError (a
     ValueError) if the layout cannot split the models, ValueError if a teacher's own layout breaks the placement
-    rule (placement.py)."""
+    rule (placement.py); both name the config key."""
     i = inputs
     if i.world_size % (i.tp * i.pp):
         raise ValueError(f"world size {i.world_size} is not divisible by TP {i.tp} x PP {i.pp}")
+    if i.dp % i.ep:
+        raise ValueError(f"parallel.expert: {i.ep} must divide the student's {i.dp} data-parallel replicas (its "
+                         f"experts are split over that many of them)")
     models = [student] + ([teacher] if teacher else [])
-    own = teacher is not None and i.teacher_on_own_groups
-    t_lay = i.teacher_layout if own else i.student_layout
+    own = teacher is not None and i.teacher_on_own_groups(teacher)
+    # co-located, a MoE teacher's experts are split over the student's expert groups (teacher_on_own_groups)
+    t_lay = i.teacher_layout if own else Layout(i.tp, i.pp, i.world_size, expert=i.teacher_ep)
     if own:
-        problem = placement_problem(i.student_layout, t_lay.tensor, t_lay.pipeline)
+        problem = placement_problem(i.student_layout, t_lay.tensor, t_lay.pipeline, expert=t_lay.expert)
         if problem:
             raise ValueError(problem)
     # both models' vocabulary shards equal at either tensor-parallel size (planning/inputs.py pads the same way)
     vocab = shared_padded_vocab(models, math.lcm(i.tp, t_lay.tensor))
-    check_parallel_layout(student, i.tp, i.pp, padded_vocab=vocab)
+    _check_split(student, Layout(i.tp, i.pp, i.world_size, expert=i.ep), vocab, "parallel", "parallel.expert")
     if teacher:
-        check_parallel_layout(teacher, t_lay.tensor, t_lay.pipeline, padded_vocab=vocab)
+        _check_split(teacher, t_lay, vocab, "parallel.teacher" if own else "parallel", "parallel.teacher.expert")
     elem = DTYPES[i.dtype].itemsize
     columns = plan_columns(i, own)   # (student stage, teacher stage) of each kind of GPU
     s_last = i.pp - 1
-    s_params = [stage_parameters(student, i.tp, i.pp, s, vocab) for s, _ in columns]
-    t_params = [stage_parameters(teacher, t_lay.tensor, t_lay.pipeline, t, vocab, head=not own) if teacher else 0
-                for _, t in columns]
+    s_params = [stage_parameters(student, i.tp, i.pp, s, vocab, ep=i.ep) for s, _ in columns]
+    s_experts = [stage_expert_parameters(student, i.tp, i.pp, s, vocab, ep=i.ep) for s, _ in columns]
+    t_params = [stage_parameters(teacher, t_lay.tensor, t_lay.pipeline, t, vocab, head=not own, ep=t_lay.expert)
+                if teacher else 0 for _, t in columns]
     plan = MemoryPlan(i, student, teacher, vocab, s_params, t_params)
     rows = plan.rows
 
     optimizer_bytes = ADAM_MOMENT_BYTES + (MASTER_WEIGHT_BYTES if i.dtype != "fp32" else 0)   # per parameter
 
     shards = i.dp if i.distributed_optimizer else 1
+    expert_shards = i.dp // i.ep if i.distributed_optimizer else 1   # megatron-core's expert data-parallel group
     if teacher:
         rows.append(Row("teacher weights", [p * elem for p in t_params],
                         note=f"{i.dtype}, frozen" + (", no output layer" if own else "")))
@@ -367,12 +432,15 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
         head = head_copy_parameters(teacher, i.tp, vocab) * elem
         rows.append(Row("teacher output layer, re-sharded", [head if s == s_last else 0 for s, _ in columns],
                         note=f"V/{i.tp} rows on the student's last stage"))
-    rows.append(Row("student weights", [p * elem for p in s_params], note=i.dtype))
-    rows.append(Row("student gradients", [p * GRAD_BUFFER_BYTES for p in s_params], note="fp32 buffer"))
+    moe_note = f", experts /{i.ep} over EP" if student.is_moe and i.ep > 1 else ""
+    rows.append(Row("student weights", [p * elem for p in s_params], note=i.dtype + moe_note))
+    rows.append(Row("student gradients", [p * GRAD_BUFFER_BYTES for p in s_params], note="fp32 buffer" + moe_note))
     opt_note = ("Adam moments" + (" + fp32 master" if i.dtype != "fp32" else "")
-                + (f", /{shards} over DP" if shards > 1 else ""))
-    rows.append(Row("optimizer state", [-(-p * optimizer_bytes // shards) for p in s_params],
-                    note=opt_note))
+                + (f", /{shards} over DP" if shards > 1 else "")
+                + (f", experts' /{expert_shards} over DP/EP" if student.is_moe and i.ep > 1 and shards > 1 else ""))
+    optimizer = [-(-(p - x) * optimizer_bytes // shards) + -(-x * optimizer_bytes // expert_shards)
+                 for p, x in zip(s_params, s_experts)]   # x: the rank's expert parameters
+    rows.append(Row("optimizer state", optimizer, note=opt_note))
     rows.append(Row("CUDA/NCCL runtime reserve", [RUNTIME_RESERVE] * len(columns)))
 
     b, seq = i.micro_batch, i.seq_len
@@ -413,6 +481,16 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
         gen_logits = [batch * (vocab // i.tp) * 4 * 2 if s == s_last else 0 for s, _ in columns]
         rows.append(Row("sampling logits", gen_logits, "rollout"))
     return plan
+
+
+def _check_split(spec: ArchSpec, layout: Layout, padded_vocab: int, key: str, expert_key: str) -> None:
+    """check_parallel_layout, its one-line error naming the key that sets the layout: ``key`` for tensor, pipeline
+    and vocabulary, ``expert_key`` for the experts (ParallelLayoutError)."""
+    for ep, name in ((1, key), (layout.expert, expert_key)):
+        try:
+            check_parallel_layout(spec, layout.tensor, layout.pipeline, padded_vocab=padded_vocab, ep=ep)
+        except ParallelLayoutError as error:
+            raise ParallelLayoutError(f"{name}: {error}") from None
 
 
 def teacher_hidden_state_rows(teacher: ArchSpec, i: PlanInputs, columns: list[tuple[int, int]]) -> list[Row]:
@@ -472,7 +550,7 @@ def inputs_from_config(cfg, world_size: int, gpu_memory_gib: Optional[float] = N
     return PlanInputs(
         tp=p.tensor, pp=p.pipeline, world_size=world_size,
         teacher_tp=teacher_tp if own else None, teacher_pp=teacher_pp if own else None,
-        teacher_colocated=p.teacher.colocated,
+        teacher_colocated=p.teacher.colocated, ep=p.expert, teacher_ep=p.teacher.expert,
         micro_batch=micro_batch or cfg.batch.micro_size, global_batch=cfg.batch.global_size,
         seq_len=cfg.data.max_length,
         dtype=cfg.precision.dtype, distributed_optimizer=cfg.optimizer.use_distributed_optimizer,

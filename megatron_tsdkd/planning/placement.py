@@ -14,14 +14,24 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class Layout:
-    """Tensor x pipeline parallelism of one model; data parallelism fills the world."""
+    """Tensor x pipeline parallelism of one model; data parallelism fills the world; a mixture-of-experts model's
+    experts are split over ``expert`` of its data-parallel replicas (each replica still runs its own tokens)."""
     tensor: int
     pipeline: int
     world_size: int
+    expert: int = 1
 
     @property
     def data_parallel(self) -> int:
         return self.world_size // (self.tensor * self.pipeline)
+
+
+def rides_co_located(student: Layout, teacher: Layout, colocated: bool, teacher_is_moe: bool) -> bool:
+    """Whether the teacher rides in the student's pipeline stages (engines/megatron/colocation.py) rather than on
+    process groups of its own: the same tensor x pipeline, parallel.teacher.colocated, and for a MoE teacher the
+    student's expert split (co-located, it is built on the student's parallel_state, expert groups included)."""
+    return ((teacher.tensor, teacher.pipeline) == (student.tensor, student.pipeline) and colocated
+            and teacher.expert == (student.expert if teacher_is_moe else 1))
 
 
 def student_replicas(student: Layout) -> list[list[int]]:
@@ -32,11 +42,12 @@ def student_replicas(student: Layout) -> list[list[int]]:
 
 
 def placement_problem(student: Layout, tensor: int, pipeline: int,
-                      ranks_per_node: Optional[int] = None) -> Optional[str]:
+                      ranks_per_node: Optional[int] = None, expert: int = 1) -> Optional[str]:
     """Why a teacher of ``tensor`` x ``pipeline`` on its own process groups cannot serve ``student``'s replicas (one
     sentence naming the key), or None. The placement rule: a teacher replica is ``tensor x pipeline`` consecutive
     ranks (tensor fastest, then pipeline) and serves exactly the student replicas whose ranks it holds, so each must
-    hold whole student replicas; its tensor-parallel group lies on one node (``ranks_per_node``; None: not known)."""
+    hold whole student replicas; its tensor-parallel group lies on one node (``ranks_per_node``; None: not known);
+    ``expert`` (a MoE teacher's expert parallelism) divides its data-parallel replicas."""
     world, size = student.world_size, tensor * pipeline
     if world % size:
         return (f"parallel.teacher: tensor x pipeline = {tensor} x {pipeline} = {size} does not divide the {world} "
@@ -47,6 +58,9 @@ def placement_problem(student: Layout, tensor: int, pipeline: int,
                 f"whole student replicas (tensor {student.tensor} x pipeline {student.pipeline}), but the student "
                 f"replica on ranks {split} spans two; make the teacher's tensor x pipeline a multiple of the student's"
                 + (" holding every pipeline stage (e.g. the whole world)" if student.pipeline > 1 else ""))
+    if (world // size) % expert:
+        return (f"parallel.teacher.expert: {expert} must divide the teacher's {world // size} data-parallel replicas "
+                f"(its experts are split over that many replicas of tensor x pipeline = {size} ranks)")
     if ranks_per_node and ranks_per_node % tensor:
         return (f"parallel.teacher.tensor: {tensor} must divide the {ranks_per_node} ranks on each node (a "
                 f"tensor-parallel group never spans nodes)")

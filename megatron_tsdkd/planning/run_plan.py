@@ -26,7 +26,7 @@ from megatron_tsdkd.planning.inputs import (PreflightError, RunInputs, check_inp
                                             launcher_world_size)
 from megatron_tsdkd.planning.memory_gate import batch_split_problem, check_memory_plan
 from megatron_tsdkd.planning.memory_plan import MemoryPlan
-from megatron_tsdkd.planning.placement import Layout, placement_problem
+from megatron_tsdkd.planning.placement import Layout, placement_problem, rides_co_located
 from megatron_tsdkd.planning.run_config import CONFIG_FILE, config_changes, describe, stored_config
 from megatron_tsdkd.runtime.device_choices import device_memory_bytes
 
@@ -85,12 +85,12 @@ class RunPlan:
 
 def layout(cfg: TrainConfig, world_size: int) -> Layout:
     """The student's layout in a world of ``world_size`` processes; PreflightError when TP x PP does not divide it."""
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if world_size % (tp * pp):
-        raise PreflightError(f"parallel: tensor x pipeline = {tp} x {pp} = {tp * pp} does not divide the {world_size} "
-                             f"processes started (start a multiple of {tp * pp}, e.g. torchrun --nproc-per-node "
-                             f"{tp * pp})")
-    return Layout(tp, pp, world_size)
+    tp, pp, ep = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert
+    if world_size % (tp * pp * ep):
+        sizes = (f"tensor x pipeline x expert = {tp} x {pp} x {ep}" if ep > 1 else f"tensor x pipeline = {tp} x {pp}")
+        raise PreflightError(f"parallel: {sizes} = {tp * pp * ep} does not divide the {world_size} processes started "
+                             f"(start a multiple of {tp * pp * ep}, e.g. torchrun --nproc-per-node {tp * pp * ep})")
+    return Layout(tp, pp, world_size, expert=ep)
 
 
 def teacher_layout(cfg: TrainConfig, student: Layout, teacher_spec, padded_vocab: int,
@@ -103,16 +103,18 @@ def teacher_layout(cfg: TrainConfig, student: Layout, teacher_spec, padded_vocab
     must hold whole student replicas; its tensor-parallel group lies on one node. PreflightError names the key and
     the rule broken."""
     tp, pp = teacher_layout_of(cfg.parallel)
-    if (tp, pp) == (student.tensor, student.pipeline) and cfg.parallel.teacher.colocated:
+    ep = cfg.parallel.teacher.expert
+    if rides_co_located(student, Layout(tp, pp, student.world_size, expert=ep), cfg.parallel.teacher.colocated,
+                        teacher_spec.is_moe):
         return None
-    problem = placement_problem(student, tp, pp, ranks_per_node)
+    problem = placement_problem(student, tp, pp, ranks_per_node, expert=ep)
     if problem:
         raise PreflightError(problem)
     try:
-        check_parallel_layout(teacher_spec, tp, pp, padded_vocab=padded_vocab)
+        check_parallel_layout(teacher_spec, tp, pp, padded_vocab=padded_vocab, ep=ep)
     except ModelError as error:
         raise PreflightError(f"parallel.teacher: {error}") from None
-    return Layout(tp, pp, student.world_size)
+    return Layout(tp, pp, student.world_size, expert=ep)
 
 
 def check_batch_layout(cfg: TrainConfig, dp: int, micro_size: int) -> int:
@@ -224,7 +226,7 @@ def plan_run(cfg: TrainConfig, inputs: RunInputs, world_size: Optional[int] = No
     world = world_size or launcher_world_size()
     lay = layout(cfg, world)
     nodes_ranks = ranks_per_node or launcher_ranks_per_node()
-    teacher = (teacher_layout(cfg, lay, inputs.teacher.hf_config, inputs.tokens.padded_vocab_size, nodes_ranks)
+    teacher = (teacher_layout(cfg, lay, inputs.teacher.arch, inputs.tokens.padded_vocab_size, nodes_ranks)
                if inputs.teacher is not None and cfg.engine == "megatron" else None)
     check_batch_layout(cfg, lay.data_parallel, 1 if cfg.batch.micro_size == "auto" else cfg.batch.micro_size)
     check_optimizer(cfg)

@@ -130,8 +130,11 @@ def plan_zero_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: Pla
 
 
 def largest_tensor(spec: ArchSpec) -> int:
-    """The most elements in one HF tensor: the embedding (or output layer), an MLP projection or the query one."""
-    return max(spec.vocab_size * spec.hidden_size, spec.ffn_hidden_size * spec.hidden_size,
+    """The most elements in one HF tensor: the embedding (or output layer), an MLP projection or the query one; of a
+    MoE model the experts' gate and up projections, which transformers holds as one [experts, 2 x width, h]
+    parameter per layer."""
+    mlp = 2 * spec.num_experts * spec.moe_ffn_hidden_size if spec.is_moe else spec.ffn_hidden_size
+    return max(spec.vocab_size * spec.hidden_size, mlp * spec.hidden_size,
                spec.num_heads * spec.head_dim * spec.hidden_size)
 
 

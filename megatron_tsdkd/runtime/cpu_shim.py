@@ -87,6 +87,27 @@ def _redirected(backward):
     return staticmethod(run)
 
 
+def _split_sizes_as_on_gpu() -> None:
+    """MoE all-to-all split sizes (and their copy stream) as a GPU has them. megatron-core's alltoall dispatcher copies its split sizes
+    from the device to numpy arrays, but only tensors that are ``is_cuda`` (moe_utils.py:1093-1096): on the host
+    they stay tensors, which torch's all_to_all_single refuses as split sizes. Here every such host tensor becomes
+    the numpy array a GPU run hands on."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    to_host = moe_utils.maybe_move_tensor_to_cpu
+
+    def as_on_gpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = as_on_gpu
+    # The dispatcher's copy stream, made once per process from torch.cuda.Stream (token_dispatcher.py:444-445):
+    # ours, whose events synchronise, even where vLLM's CPU worker later swaps in a stream whose record_event
+    # returns None (vllm/v1/worker/cpu/shm.py).
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NullStream()
+
+
 def apply() -> bool:
     """Install the redirections once, if and only if no CUDA device is present. Returns whether it did."""
     global _applied
@@ -126,6 +147,7 @@ def apply() -> bool:
     for function in (mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutputFunction):
         function.backward = _redirected(function.backward)
 
+    _split_sizes_as_on_gpu()
     _CudaToCpu().__enter__()  # stays active for the life of the process
     _applied = True
     return True

@@ -24,6 +24,7 @@ class ParallelLayout:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
+    expert: int = 1   # a MoE model's experts over this many data-parallel ranks (each split over tensor)
 
     def data_parallel(self, world_size: int) -> int:
         model_parallel = self.tensor * self.pipeline * self.context
@@ -96,6 +97,8 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
             tensor_model_parallel_size=layout.tensor,
             pipeline_model_parallel_size=layout.pipeline,
             context_parallel_size=layout.context,
+            expert_model_parallel_size=layout.expert,
+            expert_tensor_parallel_size=layout.tensor,
         )
         _built = (key, _state_snapshot(parallel_state))
     model_parallel_cuda_manual_seed(seed)
@@ -108,28 +111,40 @@ _built: Optional[tuple] = None
 _model_groups: dict = {}
 
 
-def model_process_groups(tensor: int, pipeline: int):
+def model_process_groups(tensor: int, pipeline: int, expert: Optional[int] = None):
     """megatron-core's process groups (a ProcessGroupCollection) for a model laid out tensor x pipeline over the
     whole world, beside parallel_state's (a teacher with its own layout). Ranks: tensor fastest, then pipeline,
     then data (megatron-core's HyperCommGrid); the embedding group joins each pipeline's first and last stage (tied
-    embeddings); context parallelism is parallel_state's (size 1). Collective on first use for a layout (every rank
-    calls it in the same order); cached until parallel_state's groups are rebuilt, and destroyed with them."""
+    embeddings); context parallelism is parallel_state's (size 1). A MoE model (``expert`` set; None: a dense
+    model, no expert groups) has its experts split over ``expert`` neighbouring data-parallel replicas (ep: the data dimension's fastest part; expt_dp the rest) and each expert
+    over the model's tensor group (expt_tp = tp), as megatron-core lays experts out by default. Collective on first
+    use for a layout (every rank calls it in the same order); cached until parallel_state's groups are rebuilt,
+    and destroyed with them."""
     from megatron.core import parallel_state
     from megatron.core.hyper_comm_grid import HyperCommGrid
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    if (tensor, pipeline) not in _model_groups:
-        grid = HyperCommGrid([tensor, pipeline, dist.get_world_size() // (tensor * pipeline)], ["tp", "pp", "dp"])
+    key = (tensor, pipeline, expert)
+    if key not in _model_groups:
+        dp = dist.get_world_size() // (tensor * pipeline)
+        ep = expert or 1
+        grid = HyperCommGrid([tensor, pipeline, ep, dp // ep], ["tp", "pp", "ep", "edp"])
         groups = ProcessGroupCollection(tp=grid.create_pg("tp"), pp=grid.create_pg("pp"),
-                                        mp=grid.create_pg(["tp", "pp"]), dp=grid.create_pg("dp"),
+                                        mp=grid.create_pg(["tp", "pp"]), dp=grid.create_pg(["ep", "edp"]),
                                         cp=parallel_state.get_context_parallel_group())
         groups.dp_cp = groups.dp
+        made = [groups.tp, groups.pp, groups.mp, groups.dp]
+        if expert is not None:
+            groups.ep, groups.expt_dp = grid.create_pg("ep"), grid.create_pg("edp")
+            groups.tp_ep, groups.tp_dp_cp = grid.create_pg(["tp", "ep"]), grid.create_pg(["tp", "ep", "edp"])
+            groups.expt_tp, groups.tp_cp = groups.tp, groups.tp   # context parallelism is 1
+            made += [groups.ep, groups.expt_dp, groups.tp_ep, groups.tp_dp_cp]
         pipelines = grid.get_rank_enum("pp")
         groups.embd, embd = dist.new_subgroups_by_enumeration([sorted({p[0], p[-1]}) for p in pipelines])
         groups.pos_embd, pos_embd = dist.new_subgroups_by_enumeration([[p[0]] for p in pipelines])
         # every group made, this rank's or not, so that teardown destroys them all
-        _model_groups[tensor, pipeline] = (groups, [groups.tp, groups.pp, groups.mp, groups.dp, *embd, *pos_embd])
-    return _model_groups[tensor, pipeline][0]
+        _model_groups[key] = (groups, made + [*embd, *pos_embd])
+    return _model_groups[key][0]
 
 
 def _state_snapshot(parallel_state) -> dict:
@@ -176,6 +191,7 @@ def _teardown_model_parallel(parallel_state) -> None:
     global _built
     _built = None
     destroyed = 0
+    _forget_moe_tracker()
     if dist.is_initialized():
         world = dist.distributed_c10d._world
         ours = [group for _, made in _model_groups.values() for group in made if isinstance(group, dist.ProcessGroup)]
@@ -191,6 +207,16 @@ def _teardown_model_parallel(parallel_state) -> None:
         # A destroyed group's threads end with its C++ object, and torch's Python wrappers sit in reference cycles:
         # collect now, or each re-initialisation adds its threads until the collector happens to run.
         gc.collect()
+
+
+def _forget_moe_tracker() -> None:
+    """megatron-core's MoE loss tracker (a module global) keeps the process groups its routers reduce over
+    (moe_utils.py save_to_aux_losses_tracker): a reference that would keep each destroyed group's threads alive."""
+    import sys
+
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
 
 
 def _free_port() -> int:

@@ -236,6 +236,10 @@ class DeepSpeedEngine:
         """No before/after accuracy on this engine (its student is a transformers model): evaluate the export."""
         return None
 
+    def step_values(self) -> dict:
+        """Nothing beyond the losses: this engine trains dense students only."""
+        return {}
+
     def log_summary_lines(self) -> None:
         if self.dp_rank == 0:
             d = self.cfg.deepspeed

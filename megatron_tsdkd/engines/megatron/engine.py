@@ -28,11 +28,13 @@ from megatron_tsdkd.engines.loop import Update
 from megatron_tsdkd.engines.megatron.colocation import CoLocatedStage
 from megatron_tsdkd.engines.megatron.optim import (adam_step, build_optimizer, build_scheduler,
                                                    materialise_optimizer_state, set_adam_step)
+from megatron_tsdkd.engines.megatron.router_aux import RouterAuxLoss
 from megatron_tsdkd.engines.megatron.teacher_layout import TeacherOnItsOwnLayout
 from megatron_tsdkd.generation.rollout_backends import CoGeneration, MegatronDecode
 from megatron_tsdkd.generation.vllm_rollouts import colocated_vllm_rollouts
 from megatron_tsdkd.methods import LossContext
 from megatron_tsdkd.models import MODEL_KEY, export_hf
+from megatron_tsdkd.models.builder import router_aux_loss_overrides
 from megatron_tsdkd.models.dtypes import DTYPES
 from megatron_tsdkd.models.hf_config import arch_spec
 from megatron_tsdkd.models.source import load_model
@@ -79,13 +81,16 @@ def _finalize_student_grads(student, _model_chunks, *args, **kwargs):
 class MegatronEngine:
     def __init__(self, cfg: TrainConfig, inputs: RunInputs, plan: RunPlan):
         self.cfg, self.inputs, self.plan = cfg, inputs, plan
-        init_distributed(ParallelLayout(plan.layout.tensor, plan.layout.pipeline), seed=cfg.seed)
+        init_distributed(ParallelLayout(plan.layout.tensor, plan.layout.pipeline, expert=plan.layout.expert),
+                         seed=cfg.seed)
         self.device, self.dp_rank = device(), ps.get_data_parallel_rank()
         dtype, vocab = DTYPES[cfg.precision.dtype], inputs.tokens.padded_vocab_size
         attention = cfg.models.attention
         # per-token loss: the schedule sums micro-batch losses, finalize_model_grads divides by the step's tokens
         student = load_model(inputs.student, dtype=dtype, padded_vocab_size=vocab, attention_backend=attention,
-                             recompute=cfg.models.recompute, calculate_per_token_loss=True)
+                             recompute=cfg.models.recompute, calculate_per_token_loss=True,
+                             **router_aux_loss_overrides(inputs.student.arch, cfg.models.router_aux_loss_coef))
+        self.router_aux = RouterAuxLoss(student)
         self.teacher = self.own_teacher = None
         if inputs.teacher and plan.teacher_has_own_layout:   # its own process groups and forward pass
             self.own_teacher = TeacherOnItsOwnLayout(inputs.teacher, plan.teacher_layout, plan.layout, dtype=dtype,
@@ -145,11 +150,16 @@ class MegatronEngine:
                                      num_microbatches=self.plan.micro_batches, seq_length=seq_len,
                                      micro_batch_size=self.plan.micro_size, forward_only=False,
                                      **self.stage.schedule_arguments(batches))
+        self.router_aux.collect(self.plan.micro_batches)
         phases = clock.pop()
         teacher, student = phases.get("teacher_forward", 0.0), phases.get("student_forward", 0.0)
         return reported, {"teacher_forward": teacher, "student_forward": student,
                           "student_backward": max(phases["schedule"] - student
                                                   - (teacher if self.own_teacher is None else 0.0), 0.0)}
+
+    def step_values(self) -> dict:
+        """The last step's engine-side values to log (device scalars): a MoE student's loss/router_aux."""
+        return self.router_aux.values()
 
     def optimizer_step(self, step: int) -> Update:
         lr = self.optimizer.param_groups[0]["lr"]   # the rate this step applies

@@ -5,7 +5,10 @@ Placement (planning/run_plan.py ``teacher_layout``): a teacher replica is TP_t x
 fastest, then pipeline), built from megatron-core's ``HyperCommGrid`` as a ``ProcessGroupCollection``
 (runtime/distributed.py ``model_process_groups``) that the teacher's GPTModel and megatron's forward-only schedule
 take (``pg_collection``); no second parallel_state. Each
-teacher replica holds whole student replicas and serves exactly those.
+teacher replica holds whole student replicas and serves exactly those. A mixture-of-experts teacher
+(``parallel.teacher.expert`` = EP) splits its experts over EP neighbouring replicas: each still runs its own
+micro-batches, and its MoE layers exchange tokens with the other EP - 1 (megatron-core's all-to-all), so those
+replicas step through their micro-batches together, which they do: every replica runs the step's same count.
 
 One step (``TeacherOnItsOwnLayout.run``), before the student's 1F1B schedule:
   1. the replica gathers the token ids of the student replicas it serves (their micro-batch shapes first: one small
@@ -64,7 +67,9 @@ class TeacherOnItsOwnLayout:
     def __init__(self, source: ModelSource, layout: Layout, student: Layout, *, dtype: torch.dtype,
                  padded_vocab: int, attention: str):
         self.layout, self.student_layout = layout, student
-        self.groups = model_process_groups(layout.tensor, layout.pipeline)
+        # a MoE teacher's experts over layout.expert of its replicas (whose tokens they then serve too)
+        self.groups = model_process_groups(layout.tensor, layout.pipeline,
+                                           layout.expert if source.arch.is_moe else None)
         self.model = load_model(source, dtype=dtype, padded_vocab_size=padded_vocab, attention_backend=attention,
                                 groups=self.groups)
         self.model.eval()
