@@ -6,6 +6,12 @@ tracker. After each step this reads that tracker on every rank, sums the pipelin
 over the pipeline group, device tensors only: no host synchronisation), and keeps the mean over layers and
 micro-batches for the step's metrics (whose reduction then averages it over data-parallel ranks). The tracker is
 cleared every step, logged or not, so steps never mix.
+
+It also lets go of the routing probabilities megatron-core's all-to-all dispatchers keep from their last forward
+until the next one (token_dispatcher.py:610, ``self.probs``): they carry the step's autograd graph, whose nodes
+reach the router weights' gradient hooks and through them the DDP-wrapped model. That cycle runs through autograd's
+C++ nodes, which Python's collector cannot see, so a finished model (its process groups and their threads) would
+otherwise outlive its run in a process that runs another (the test harness, a study).
 """
 from __future__ import annotations
 
@@ -21,12 +27,17 @@ class RouterAuxLoss:
     def __init__(self, student):
         config = student.config
         self.active = bool(config.num_moe_experts) and config.moe_router_load_balancing_type != "none"
+        self.dispatchers = [m.token_dispatcher for m in student.modules() if hasattr(m, "token_dispatcher")]
         self.num_layers = config.num_layers
         self.pp_group = student.pg_collection.pp
         self.value: Optional[torch.Tensor] = None
 
     def collect(self, micro_batches: int) -> None:
-        """Collective over the pipeline group when active: the step's mean loss per layer and micro-batch."""
+        """After the step's backward. Collective over the pipeline group when active: the step's mean loss per
+        layer and micro-batch."""
+        for dispatcher in self.dispatchers:   # the step's routing probabilities, graph and all (module docstring)
+            if hasattr(dispatcher, "probs"):
+                dispatcher.probs = None
         if not self.active:
             return
         from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
