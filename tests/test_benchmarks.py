@@ -57,6 +57,10 @@ IN_ONE_PROCESS = {
           for name in ("chosen", "per node")),
         *(rf"^{name} / today: student replicas {N}x, per-GPU peak {N}x, teacher per GPU {N}x, sequences per forward "
           rf"over the world {N}x$" for name in ("chosen", "per node"))]),
+    "moe_teacher_plan.py": (["--smoke"], [
+        rf"^  shipped +teacher TP=\d+ x PP=\d+, EP=[2-8] +\d+ +\d+ +{N} +{N} +{N}  fits$",
+        rf"^  no EP +teacher TP=\d+ x PP=\d+, EP=1 +\d+ +\d+ +{N} +{N} +-?{N}  (does not )?fit",
+        rf"^  shipped / no EP: teacher per GPU {N}x, per-GPU peak {N}x; active / total parameters {N} "]),
     "teacher_layout_step.py": (["--smoke"], [
         *(rf"^{name} +step {N} s  teacher forward {N} s$" for name in ("co-located", "own groups", "own layout")),
         rf"^step time over co-located: own groups {N}x, own layout {N}x$"]),
