@@ -225,3 +225,35 @@ def test_moe_layouts_a_run_cannot_take_stop_before_start_in_one_line(pair_dir, t
     assert _preflight_error(teacher + ["engine=deepspeed", "parallel.teacher.colocated=true"]) == (
         "models.teacher.path: mixture-of-experts models run on engine=megatron (megatron-core's MoE layers, expert "
         "parallelism); engine=deepspeed trains dense models only")
+
+
+def _losses(argv, stop_after=None):
+    from megatron_tsdkd.config import load_config
+    from megatron_tsdkd.engines.trainer import build_trainer
+
+    trainer = build_trainer(load_config(None, argv))
+    return [h.metrics["loss/total"] for h in trainer.train(stop_after=stop_after) if h.metrics is not None]
+
+
+def test_moe_student_resumes_exactly_and_its_checkpoint_reshards_over_experts(pair_dir, tmp_path):
+    """A MoE student trained with its experts over 2 ranks, "killed" after step 3 (its last checkpoint: step 2),
+    resumes to log the uninterrupted run's losses; the checkpoint's weights export from 2 expert-parallel ranks and
+    from one alike, to the bit (training state resumes at the layout it was saved at: megatron-core's dp_reshardable
+    optimizer format, as for TP/PP; the weights load at any)."""
+    from test_convert import read_hf_tensors
+
+    base = _overrides(pair_dir, "moe_student", "teacher", "schedule.max_steps=4", "checkpoint.interval=2",
+                      "checkpoint.async_save=false", "parallel.expert=2")
+    full = run_parallel(_losses, base + [f"checkpoint.dir={tmp_path}/full"], world_size=2, ep=2)[0]
+    cut = base + [f"checkpoint.dir={tmp_path}/cut"]
+    assert len(run_parallel(_losses, cut, world_size=2, ep=2, stop_after=3)[0]) == 3
+    assert open(tmp_path / "cut" / "latest").read().strip() == "step_000002"
+    resumed = run_parallel(_losses, cut + ["checkpoint.resume=auto"], world_size=2, ep=2)[0]
+    assert len(full) == 4 and len(resumed) == 2
+    for a, b in zip(full[2:], resumed):
+        assert _same(a, b), (full, resumed)
+    run_parallel(_to_hf, str(tmp_path / "cut"), str(tmp_path / "hf_ep2"), 1, 1, 2, world_size=2, ep=2)
+    run_serial(_to_hf, str(tmp_path / "cut"), str(tmp_path / "hf_one"), 1, 1, 1)
+    two, one = read_hf_tensors(str(tmp_path / "hf_ep2")), read_hf_tensors(str(tmp_path / "hf_one"))
+    assert sorted(two) == sorted(one) and any(".mlp.experts.3." in name for name in one)
+    assert all(torch.equal(two[name], one[name]) for name in one)
