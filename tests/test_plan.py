@@ -1,5 +1,6 @@
 """The memory planner: real model sizes, the job scripts' layouts, and exact per-rank parameter and optimizer bytes
 against real megatron models built on 2 gloo processes (TP=2, PP=2, DP=2)."""
+import math
 import os
 import re
 
@@ -903,3 +904,54 @@ def test_host_plan_of_the_deepspeed_engine_counts_its_loading_and_offloaded_stat
     assert offloaded["optimizer state offloaded to the host (deepspeed.offload_optimizer)"] == \
         -(-16 * total_parameters(student) // 8)   # fp32 master + Adam moments + fp32 gradients, over 8 ranks
     assert "async checkpoint staging (checkpoint.async_save)" not in zero3   # DeepSpeed saves synchronously
+
+
+def stand_in_model(name: str, out) -> str:
+    """The published config of ``name`` (configs/hf/) beside a safetensors file of its exact tensor shapes whose data
+    is a hole (a sparse file: the header is checked, no byte of weights is written or read) and the demo tokenizer:
+    what a dry run reads of a model folder, without the model."""
+    import json
+    import shutil
+    import struct
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from megatron_tsdkd.models.hf_config import arch_spec
+    from megatron_tsdkd.models.mapping import hf_tensor_shapes
+
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(HF, name, "config.json"), out)
+    header, offset = {}, 0
+    for tensor, shape in sorted(hf_tensor_shapes(arch_spec(AutoConfig.from_pretrained(out))).items()):
+        size = 2 * math.prod(shape)
+        header[tensor] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = os.path.join(out, "model.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+    os.truncate(path, 8 + len(blob) + offset)
+    AutoTokenizer.from_pretrained(os.path.join(ROOT, "megatron_tsdkd", "assets", "demo", "teacher")).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("script, yaml", [job for job in JOBS if "_a3b_" in job[1] or "_a22b_" in job[1]])
+def test_shipped_moe_jobs_pass_the_dry_run(script, yaml, tmp_path, monkeypatch, capsys):
+    """tsdkd-train --dry-run of each shipped mixture-of-experts job at its script's world, on stand-ins of the
+    published models (the dry run checks the weight files' tensors against the configs, plans and prints; nothing
+    is built). On this CPU machine the models would count in host memory: the node's is given as a GPU node's."""
+    from megatron_tsdkd.commands.train import dry_run
+
+    cfg = config(yaml)
+    paths = {role: stand_in_model(os.path.basename(getattr(cfg.models, role).path), tmp_path / role)
+             for role in ("teacher", "student")}
+    monkeypatch.setenv("WORLD_SIZE", str(script_world_size(script)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    capsys.readouterr()
+    dry_run(config(yaml, f"models.teacher.path={paths['teacher']}", f"models.student.path={paths['student']}",
+                   f"data.train={ROOT}/megatron_tsdkd/assets/demo/data/train.jsonl", f"checkpoint.dir={tmp_path}/ck",
+                   f"logging.dir={tmp_path}/tb", "memory.host_memory_gib=2048", "rollout.engine=megatron"))
+    out = capsys.readouterr().out
+    assert "for %d processes are fine" % script_world_size(script) in out, out[-3000:]
+    assert f"EP={cfg.parallel.teacher.expert} on its own process groups" in out and "verdict: FITS" in out
