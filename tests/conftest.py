@@ -42,8 +42,10 @@ def pytest_xdist_make_scheduler(config, log):
     cores, so they are best left to the end of their lane, where they partly run alone. With the teacher-layout
     tests and benchmarks added the lanes summed 762 s (launches) against 542 s (pools) of test time, and the suite
     took 779 s. tests/test_gpu_check.py (125-140 s, one process at a time) and tests/test_rank_deaths.py (28-39 s)
-    now run in the pools lane: 690-717 s (test_slurm.py alone varies from 216 to 365 s between runs). Other `--dist`
-    modes are left to xdist."""
+    now ran in the pools lane: 690-717 s (test_slurm.py alone varies from 216 to 365 s between runs). With the
+    mixture-of-experts tests the lanes summed 694 s (pools) and 684 s (launches), 702-710 s of suite and 771 s on a
+    clean clone: test_rank_deaths.py went back to the launches lane and test_slurm.py's one-node demo (a part of its
+    USR1 demo) was dropped. Other `--dist` modes are left to xdist."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling

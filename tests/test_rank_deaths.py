@@ -8,8 +8,6 @@ crashes, exit codes), the survivor's wait for a late note, stale notes, a dead p
 """
 from __future__ import annotations
 
-# lane: pools
-
 import json
 import os
 import re

@@ -191,12 +191,6 @@ def latest_step(ckpt) -> int:
     return int(folder.rstrip("/").rsplit("_", 1)[1]) if folder else -1
 
 
-def test_demo_one_node(cluster, tmp_path):
-    job = Job(cluster, tmp_path, *demo_overrides(tmp_path, 3), sbatch_wait=True)
-    job.assert_completed()
-    assert latest_step(job.ckpt) == 3, job.output()
-
-
 def test_demo_two_nodes(cluster, tmp_path):
     job = Job(cluster, tmp_path, *demo_overrides(tmp_path, 3), nodes=2, nproc=1)
     job.wait_finished(timeout=180)
@@ -206,6 +200,7 @@ def test_demo_two_nodes(cluster, tmp_path):
 
 
 def test_demo_usr1_saves_requeues_and_resumes(cluster, tmp_path):
+    """The demo on one node (2 processes) to the end, through a USR1 -> checkpoint -> requeue -> resume."""
     steps = 16
     job = Job(cluster, tmp_path, *demo_overrides(tmp_path, steps, "checkpoint.interval=2"))
     cluster.wait_for(lambda: latest_step(job.ckpt) >= 2, 150, f"a first checkpoint:\n{job.output()}")
