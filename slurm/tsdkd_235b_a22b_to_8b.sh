@@ -38,23 +38,6 @@ set -euo pipefail
 
 # Under sbatch this file runs from Slurm's spool folder, so the repository is where the job was submitted.
 TSDKD_HOME=${TSDKD_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-# shellcheck source=slurm/job_home.sh
-source "$TSDKD_HOME/slurm/job_home.sh" "tsdkd_235b_a22b_to_8b.sh"
-
-TEACHER_MODEL=${TEACHER_MODEL:-models/Qwen3-235B-A22B}
-STUDENT_MODEL=${STUDENT_MODEL:-models/Qwen3-8B}
-TRAIN_DATA=${TRAIN_DATA:-data/ultrainteract_sft.jsonl}
-CONFIG=${TSDKD_CONFIG:-configs/tsdkd_235b_a22b_to_8b.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/$(basename "$CONFIG" .yaml)}
-for path in "$TEACHER_MODEL" "$STUDENT_MODEL"; do
-    [[ -f $path/config.json ]] || { echo "tsdkd_235b_a22b_to_8b.sh: error: $path has no config.json (set TEACHER_MODEL / STUDENT_MODEL)" >&2; exit 2; }
-done
-[[ -f $TRAIN_DATA ]] || { echo "tsdkd_235b_a22b_to_8b.sh: error: training data $TRAIN_DATA not found (set TRAIN_DATA)" >&2; exit 2; }
-export TSDKD_LOG_DIR=${TSDKD_LOG_DIR:-$OUTPUT_DIR/logs}
-
-# shellcheck source=slurm/gpu_env.sh
-source "$TSDKD_HOME/slurm/gpu_env.sh"
-
-exec "$TSDKD_HOME/slurm/launch.sh" "$CONFIG" \
-    "models.teacher.path=$TEACHER_MODEL" "models.student.path=$STUDENT_MODEL" "data.train=$TRAIN_DATA" \
-    "checkpoint.dir=$OUTPUT_DIR/checkpoints" "logging.dir=$OUTPUT_DIR/tensorboard" checkpoint.resume=auto "$@"
+# shellcheck source=slurm/pair_job.sh
+source "$TSDKD_HOME/slurm/pair_job.sh" "tsdkd_235b_a22b_to_8b.sh" models/Qwen3-235B-A22B models/Qwen3-8B \
+    configs/tsdkd_235b_a22b_to_8b.yaml "$@"
