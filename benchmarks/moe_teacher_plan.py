@@ -30,18 +30,11 @@ PAIRS = [("tsdkd_30b_a3b_to_1.7b.yaml", "Qwen3-30B-A3B", "Qwen3-1.7B", 8),
          ("tsdkd_235b_a22b_to_8b.yaml", "Qwen3-235B-A22B", "Qwen3-8B", 16)]
 
 
-def teacher_bytes(plan) -> int:
-    """The teacher's weights and its re-sharded output layer on the fullest GPU."""
-    worst = plan.worst_stage
-    return sum(r.bytes_per_stage[worst] for r in plan.rows
-               if r.name.startswith(("teacher weights", "teacher output layer")))
-
-
 def row(name: str, plan) -> str:
     t = plan.inputs.teacher_layout
     layout = f"teacher TP={t.tensor} x PP={t.pipeline}, EP={t.expert}"
     return (f"  {name:<9}{layout:<30}{plan.inputs.dp:>9}{plan.inputs.micro_batch:>7}{max(plan.peaks) / GIB:>10.1f}"
-            f"{teacher_bytes(plan) / GIB:>10.1f}{plan.headroom / GIB:>10.1f}  {'fits' if plan.fits else 'does not fit'}")
+            f"{plan.teacher_bytes / GIB:>10.1f}{plan.headroom / GIB:>10.1f}  {'fits' if plan.fits else 'does not fit'}")
 
 
 def main(argv=None) -> None:
@@ -70,7 +63,7 @@ def main(argv=None) -> None:
         print(f"  {'':<9}{'layout':<30}{'replicas':>9}{'micro':>7}{'peak GiB':>10}{'teacher':>10}{'headroom':>10}")
         print(row("shipped", shipped))
         print(row("no EP", unsplit))
-        print(f"  shipped / no EP: teacher per GPU {teacher_bytes(shipped) / teacher_bytes(unsplit):.3f}x, per-GPU "
+        print(f"  shipped / no EP: teacher per GPU {shipped.teacher_bytes / unsplit.teacher_bytes:.3f}x, per-GPU "
               f"peak {max(shipped.peaks) / max(unsplit.peaks):.2f}x; active / total parameters "
               f"{active / total:.3f} (compute per token against a dense teacher of its size)")
 

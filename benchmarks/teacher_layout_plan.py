@@ -37,16 +37,9 @@ def describe(plan) -> str:
     return f"student TP={i.tp} x PP={i.pp}, teacher TP={t.tensor} x PP={t.pipeline}"
 
 
-def teacher_bytes(plan) -> int:
-    """The teacher's weights and its re-sharded output layer (own layout only) on the fullest GPU."""
-    worst = plan.worst_stage
-    return sum(r.bytes_per_stage[worst] for r in plan.rows
-               if r.name.startswith(("teacher weights", "teacher output layer")))
-
-
 def row(name: str, plan) -> str:
     return (f"{name:<9}{describe(plan):<40}{plan.inputs.dp:>9}{plan.inputs.micro_batch:>7}"
-            f"{max(plan.peaks) / GIB:>10.1f}{teacher_bytes(plan) / GIB:>10.1f}{plan.headroom / GIB:>10.1f}")
+            f"{max(plan.peaks) / GIB:>10.1f}{plan.teacher_bytes / GIB:>10.1f}{plan.headroom / GIB:>10.1f}")
 
 
 def main(argv=None) -> None:
@@ -81,7 +74,7 @@ def main(argv=None) -> None:
     for name, plan in (("chosen", chosen), ("per node", per_node_teacher)):
         print(f"{name} / today: student replicas {plan.inputs.dp / today.inputs.dp:.2f}x, per-GPU peak "
               f"{max(plan.peaks) / max(today.peaks):.2f}x, teacher per GPU "
-              f"{teacher_bytes(plan) / teacher_bytes(today):.2f}x, sequences per forward over the world "
+              f"{plan.teacher_bytes / today.teacher_bytes:.2f}x, sequences per forward over the world "
               f"{plan.inputs.dp * plan.inputs.micro_batch / (today.inputs.dp * today.inputs.micro_batch):.2f}x")
 
 

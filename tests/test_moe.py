@@ -211,7 +211,7 @@ def test_moe_layouts_a_run_cannot_take_stop_before_start_in_one_line(pair_dir, t
     student = _overrides(pair_dir, "moe_student", "teacher", f"checkpoint.dir={tmp_path}/c")
     teacher = _overrides(pair_dir, "student", "moe_teacher", f"checkpoint.dir={tmp_path}/c")
     assert _preflight_error(student + ["parallel.tensor=2"]).startswith(
-        "parallel.tensor: a mixture-of-experts student trains at tensor parallel 1 only")
+        "parallel: qwen3_moe model: a trained mixture-of-experts model runs at tensor parallel 1 only")
     assert _preflight_error(teacher + ["parallel.teacher.expert=4"]).startswith(
         "parallel.teacher.expert: 4 must divide the teacher's 2 data-parallel replicas")
     monkeypatch.setenv("WORLD_SIZE", "3")

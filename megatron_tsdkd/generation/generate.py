@@ -79,16 +79,6 @@ def _device(model) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
 
-def _expert_parallel_group(models):
-    """The expert-parallel group (size > 1) of a MoE model among ``models``, whose replicas must stop together;
-    None when there is none."""
-    for model in models:
-        group = getattr(model.pg_collection, "ep", None) if model.config.num_moe_experts else None
-        if group is not None and group.size() > 1:
-            return group
-    return None
-
-
 def _all_done(done: torch.Tensor, stop_group) -> bool:
     """Whether every row has stopped, here and (``stop_group``) on every replica of the EP group: the host sync."""
     finished = done.all()
@@ -113,9 +103,12 @@ def decode(models, prompts: list[list[int]], config: SamplingConfig, pick, *, eo
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.utils import unwrap_model
 
+    from megatron_tsdkd.models.builder import expert_group
+
     models = [unwrap_model(m) for m in models]  # generation feeds token ids and hidden states to the GPTModel itself
     device = next(models[0].parameters()).device
-    stop_group = _expert_parallel_group(models)
+    # the replicas of a MoE model's expert-parallel group stop together (module docstring)
+    stop_group = next((g for g in map(expert_group, models) if g is not None), None)
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     batch = PaddedBatch.from_prompts(rows, config.max_new_tokens, pad_token_id, device)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)

@@ -40,6 +40,7 @@ import torch
 
 from megatron_tsdkd.generation.generate import GenerationOutput
 from megatron_tsdkd.generation.sampling_config import SamplingConfig
+from megatron_tsdkd.models.hf_config import arch_spec
 from megatron_tsdkd.models.mapping import VOCABULARY_TENSORS
 from megatron_tsdkd.runtime.device_choices import (release_cached_memory, vllm_attention_backend,
                                                    vllm_replica_options)
@@ -107,8 +108,7 @@ def _groups_with_experts(config) -> None:
     groups at each call and get the new ones, of the same sizes."""
     from vllm.distributed import parallel_state as vllm_groups
 
-    moe = bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
-    if moe and vllm_groups.model_parallel_is_initialized() and vllm_groups._EP is None:
+    if arch_spec(config).is_moe and vllm_groups.model_parallel_is_initialized() and vllm_groups._EP is None:
         vllm_groups.destroy_model_parallel()
 
 

@@ -68,6 +68,13 @@ def _group_sizes(groups, spec: ArchSpec) -> tuple[int, int, int]:
     return tp, pp, ep if spec.is_moe else 1
 
 
+def expert_group(model):
+    """The expert-parallel process group of a built GPTModel stage (its own groups' or parallel_state's) when it is
+    a mixture of experts split over more than one rank, else None."""
+    group = getattr(model.pg_collection, "ep", None) if model.config.num_moe_experts else None
+    return group if group is not None and group.size() > 1 else None
+
+
 def moe_overrides(spec: ArchSpec, ep: int, tp: int) -> dict:
     """TransformerConfig fields of a Qwen3-MoE model: HF's router (softmax over all experts, top-k, the top-k
     renormalised when norm_topk_prob; megatron's softmax over the top-k logits is that renormalisation), no

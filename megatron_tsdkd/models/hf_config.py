@@ -172,9 +172,12 @@ def _moe_fields(config, name: str) -> dict:
                 router_aux_loss_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0))
 
 
-def check_parallel_layout(config, tp: int, pp: int, padded_vocab: Optional[int] = None, ep: int = 1) -> None:
+def check_parallel_layout(config, tp: int, pp: int, padded_vocab: Optional[int] = None, ep: int = 1,
+                          trained: bool = False) -> None:
     """Raise ParallelLayoutError (one sentence) unless the model splits evenly over TP x PP (x EP: its experts;
-    each expert is split over TP as megatron-core's default expert tensor parallelism does)."""
+    each expert is split over TP as megatron-core's default expert tensor parallelism does). ``trained``: the
+    student, which as a mixture of experts trains at TP = 1 only (megatron-core's MoE layers need sequence
+    parallelism under tensor parallelism in training, which this trainer does not run)."""
     spec = config if isinstance(config, ArchSpec) else arch_spec(config)
     name = f"{spec.model_type} model"
     if tp < 1 or pp < 1 or ep < 1:
@@ -184,6 +187,11 @@ def check_parallel_layout(config, tp: int, pp: int, padded_vocab: Optional[int] 
         raise ParallelLayoutError(f"{name}: expert parallel {ep} needs a mixture-of-experts model; this one is dense")
     if spec.is_moe and spec.num_experts % ep:
         raise ParallelLayoutError(f"{name}: {spec.num_experts} experts are not divisible by expert parallel {ep}")
+    if trained and spec.is_moe and tp > 1:
+        raise ParallelLayoutError(f"{name}: a trained mixture-of-experts model runs at tensor parallel 1 only "
+                                  f"(megatron-core's MoE layers need sequence parallelism under tensor parallelism "
+                                  f"in training, which this trainer does not run); split it with expert and "
+                                  f"pipeline parallelism instead, got tensor parallel {tp}")
     if spec.is_moe and spec.moe_ffn_hidden_size % tp:
         raise ParallelLayoutError(f"{name}: moe_intermediate_size {spec.moe_ffn_hidden_size} is not divisible by "
                                   f"tensor parallel {tp}")

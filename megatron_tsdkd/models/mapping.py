@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_tsdkd.models.builder import expert_group
 from megatron_tsdkd.models.hf_config import ArchSpec
 
 EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"
@@ -211,13 +212,11 @@ def model_layouts(model, spec: ArchSpec, tp_rank: int | None = None, ep_rank: in
     """``stage_layouts`` for a built GPTModel stage, on this rank (or on ``tp_rank`` of its TP group, ``ep_rank``
     of its expert-parallel group): the model's own groups (parallel_state's unless it was built on groups of its
     own)."""
-    tp_group = model.pg_collection.tp
-    ep_group = getattr(model.pg_collection, "ep", None) if spec.is_moe else None
-    ep_size = ep_group.size() if ep_group is not None else 1
+    tp_group, ep_group = model.pg_collection.tp, expert_group(model)
     return stage_layouts(
         spec,
-        ep_rank=(ep_group.rank() if ep_size > 1 else 0) if ep_rank is None else ep_rank,
-        ep=ep_size,
+        ep_rank=(ep_group.rank() if ep_group is not None else 0) if ep_rank is None else ep_rank,
+        ep=ep_group.size() if ep_group is not None else 1,
         tp_rank=tp_group.rank() if tp_rank is None else tp_rank,
         tp=tp_group.size(),
         layer_numbers=[layer.layer_number - 1 for layer in model.decoder.layers],

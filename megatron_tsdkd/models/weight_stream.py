@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_tsdkd.models.builder import expert_group
 from megatron_tsdkd.models.mapping import ShardLayout, hf_tensor_shapes, stage_layouts
 from megatron_tsdkd.runtime.collectives import all_gather_objects
 
@@ -135,18 +136,6 @@ def _hf_tensors(buffer: torch.Tensor, bucket: _Bucket, per_rank: Sequence[Sequen
             yield name, hf.pop(name)
 
 
-def _expert_parallel(spec):
-    """(EP, this rank's EP rank, the EP group's global ranks) of a MoE model laid out by parallel_state; EP 1 for a
-    dense one."""
-    from megatron.core import parallel_state as ps
-
-    ep = ps.get_expert_model_parallel_world_size() if spec.is_moe else 1
-    if ep == 1:
-        return 1, 0, [None]
-    group = ps.get_expert_model_parallel_group()
-    return ep, ps.get_expert_model_parallel_rank(), dist.get_process_group_ranks(group)
-
-
 def stream_hf_tensors(model, spec, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every tensor of the HF checkpoint of ``model`` (a GPTModel stage, unwrapped),
     identical on every rank of its model-parallel group; dtype and device are the model's. ``bucket_bytes`` bounds
@@ -158,7 +147,8 @@ def stream_hf_tensors(model, spec, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
     tp, tp_group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
     tp_rank = ps.get_tensor_model_parallel_rank()
     pp, pp_group = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group()
-    ep, ep_rank, ep_ranks = _expert_parallel(spec)
+    ep_group = expert_group(model)
+    ep, ep_rank = (ep_group.size(), ep_group.rank()) if ep_group is not None else (1, 0)
     my_stage = ps.get_pipeline_model_parallel_rank()
     stage_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else [None]
     stages = all_gather_objects(_stage_facts(model), group=pp_group) if pp > 1 else [_stage_facts(model)]
@@ -177,7 +167,7 @@ def stream_hf_tensors(model, spec, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
                     if ep_rank == owner:
                         _fill(buffer, bucket, per_rank[tp_rank], params, tp, tp_group)
                     if ep > 1:
-                        dist.broadcast(buffer, src=ep_ranks[owner], group=ps.get_expert_model_parallel_group())
+                        dist.broadcast(buffer, src=dist.get_global_rank(ep_group, owner), group=ep_group)
                 if pp > 1:
                     dist.broadcast(buffer, src=stage_ranks[stage], group=pp_group)
                 yield from _hf_tensors(buffer, bucket, per_rank, shapes, tp)

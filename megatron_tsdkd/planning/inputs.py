@@ -51,15 +51,16 @@ def tokenizer_difference(a, b) -> Optional[str]:
     return None
 
 
-def _source(key: str, model_cfg, layout: tuple[int, int, int], layout_key: str) -> ModelSource:
-    """The model at ``key``, split evenly by its (tensor, pipeline, expert) ``layout`` (set by ``layout_key``)."""
+def _source(key: str, model_cfg, layout: tuple[int, int, int], layout_key: str, trained: bool = False) -> ModelSource:
+    """The model at ``key``, split evenly by its (tensor, pipeline, expert) ``layout`` (set by ``layout_key``;
+    ``trained``: the student)."""
     try:
         source = resolve_model_source(model_cfg.path, model_cfg.format)
     except (ModelError, OSError) as error:
         raise PreflightError(f"{key}: {error}") from None
     try:
         tensor, pipeline, expert = layout
-        check_parallel_layout(source.hf_config, tensor, pipeline, ep=expert)
+        check_parallel_layout(source.hf_config, tensor, pipeline, ep=expert, trained=trained)
     except ModelError as error:
         raise PreflightError(f"{layout_key}: {error} ({key}={model_cfg.path})") from None
     try:
@@ -103,12 +104,8 @@ def _hf_folders_only(student: ModelSource, teacher: Optional[ModelSource]) -> No
 def check_inputs(cfg: TrainConfig) -> RunInputs:
     """Read and check every input of ``cfg`` (it is not changed): model sources, tokenizer, token spec, data."""
     p = cfg.parallel
-    student = _source("models.student.path", cfg.models.student, (p.tensor, p.pipeline, p.expert), "parallel")
-    if student.arch.is_moe and p.tensor > 1:
-        raise PreflightError(f"parallel.tensor: a mixture-of-experts student trains at tensor parallel 1 only "
-                             f"(megatron-core's MoE layers need sequence parallelism under tensor parallelism in "
-                             f"training, which this trainer does not run); split it with parallel.expert and "
-                             f"parallel.pipeline instead, got {p.tensor} (models.student.path={cfg.models.student.path})")
+    student = _source("models.student.path", cfg.models.student, (p.tensor, p.pipeline, p.expert), "parallel",
+                      trained=True)
     teacher = None
     if method_class(cfg.method.name).needs_teacher:
         teacher_key = ("parallel.teacher" if teacher_layout_of(p) != (p.tensor, p.pipeline) or p.teacher.expert != 1

@@ -64,11 +64,9 @@ def model_layouts(spec: ArchSpec, world: int, ranks_per_node: int, trained: bool
     parallelism ``expert_sizes`` lists (``trained``: the student, which a MoE model is only at TP=1)."""
     out = []
     for tp in (t for t in range(1, ranks_per_node + 1) if ranks_per_node % t == 0 and world % t == 0):
-        if trained and spec.is_moe and tp > 1:
-            continue
         for pp in (p for p in range(1, world // tp + 1) if world // tp % p == 0):
             try:
-                check_parallel_layout(spec, tp, pp)
+                check_parallel_layout(spec, tp, pp, trained=trained)
             except ParallelLayoutError:
                 continue
             out += [Layout(tp, pp, world, expert=ep) for ep in expert_sizes(spec, world // (tp * pp))]

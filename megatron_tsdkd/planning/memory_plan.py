@@ -230,6 +230,12 @@ class MemoryPlan:
         return max(self.peaks) <= self.capacity
 
     @property
+    def teacher_bytes(self) -> int:
+        """The teacher's weights and its re-sharded output layer (own layout only) on the fullest GPU."""
+        return sum(r.bytes_per_stage[self.worst_stage] for r in self.rows
+                   if r.name.startswith(("teacher weights", "teacher output layer")))
+
+    @property
     def headroom(self) -> int:
         """Bytes left on the fullest GPU (negative: over)."""
         return self.capacity - max(self.peaks)
@@ -408,7 +414,8 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
             raise ValueError(problem)
     # both models' vocabulary shards equal at either tensor-parallel size (planning/inputs.py pads the same way)
     vocab = shared_padded_vocab(models, math.lcm(i.tp, t_lay.tensor))
-    _check_split(student, Layout(i.tp, i.pp, i.world_size, expert=i.ep), vocab, "parallel", "parallel.expert")
+    _check_split(student, Layout(i.tp, i.pp, i.world_size, expert=i.ep), vocab, "parallel", "parallel.expert",
+                 trained=True)
     if teacher:
         _check_split(teacher, t_lay, vocab, "parallel.teacher" if own else "parallel", "parallel.teacher.expert")
     elem = DTYPES[i.dtype].itemsize
@@ -483,12 +490,14 @@ def plan_memory(student: ArchSpec, teacher: Optional[ArchSpec], inputs: PlanInpu
     return plan
 
 
-def _check_split(spec: ArchSpec, layout: Layout, padded_vocab: int, key: str, expert_key: str) -> None:
+def _check_split(spec: ArchSpec, layout: Layout, padded_vocab: int, key: str, expert_key: str,
+                 trained: bool = False) -> None:
     """check_parallel_layout, its one-line error naming the key that sets the layout: ``key`` for tensor, pipeline
-    and vocabulary, ``expert_key`` for the experts (ParallelLayoutError)."""
+    and vocabulary, ``expert_key`` for the experts (ParallelLayoutError); ``trained``: the student."""
     for ep, name in ((1, key), (layout.expert, expert_key)):
         try:
-            check_parallel_layout(spec, layout.tensor, layout.pipeline, padded_vocab=padded_vocab, ep=ep)
+            check_parallel_layout(spec, layout.tensor, layout.pipeline, padded_vocab=padded_vocab, ep=ep,
+                                  trained=trained)
         except ParallelLayoutError as error:
             raise ParallelLayoutError(f"{name}: {error}") from None
 
